@@ -1,0 +1,203 @@
+"""Audit causal-LM checkpoints against a target: sample, score, estimate.
+
+Natural logs, nats. One audit run draws an independent base-model sample
+once (for log Ẑ and the forward-KL cross-check) and then, for each model, a
+fresh policy sample. Every model's metrics are ``Estimate`` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fdiv_eval.divergences import DIVERGENCES
+from fdiv_eval.diversity import distinct_n, self_bleu
+from fdiv_eval.errors import EstimationError
+from fdiv_eval.estimates import Estimate, mean_estimate
+from fdiv_eval.estimators import (
+    constraint_satisfaction,
+    forward_kl_from_base,
+    log_partition,
+    policy_divergence,
+    require_finite_log_partition,
+    reverse_kl_on_support,
+)
+from fdiv_eval.sequences import SampleBatch, default_prompt, sample, score, score_pair
+from fdiv_eval.suite import AuditConfig
+from fdiv_eval.targets import PointwiseTarget
+
+logger = logging.getLogger(__name__)
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+"""Starts a progress task (description, total) and returns its advance(n) callable."""
+
+
+def _silent_progress(description: str, total: int) -> Callable[[int], None]:
+    logger.info("%s (%d)", description, total)
+    return lambda count: None
+
+
+@dataclass
+class BaseSample:
+    """The independent base-model sample that every model's audit shares."""
+
+    batch: SampleBatch
+    texts: list[str]
+    log_base: np.ndarray
+    log_potential: np.ndarray
+    log_partition: Estimate
+
+
+@dataclass
+class ModelAudit:
+    """One audited model: its metrics and its scored samples."""
+
+    name: str
+    model: str
+    metrics: dict[str, Estimate]
+    samples: dict[str, list]
+    """Column name → values, one entry per policy sample (see ``save_samples``)."""
+    log_prob_on_base_sample: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def _decode(tokenizer, batch: SampleBatch) -> list[str]:
+    # Pad and EOS are special tokens, so skipping them cuts each row at its length.
+    return tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
+
+
+def draw_base_sample(
+    base, tokenizer, target: PointwiseTarget, config: AuditConfig, max_new_tokens: int,
+    progress: ProgressFactory | None = None,
+) -> BaseSample:
+    """Sample the base model, score it and estimate log Z.
+
+    Raises EstimationError when no sample satisfies the constraint, because
+    then Z (and every divergence to the target) cannot be estimated.
+    """
+    progress = progress or _silent_progress
+    prompt = default_prompt(tokenizer)
+    advance = progress("sampling the base model for log Z", config.base_samples)
+    batch = sample(base, prompt, config.base_samples, max_new_tokens, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id, batch_size=config.batch_size, seed=config.seed, progress=advance)
+    advance = progress("scoring the base sample", config.base_samples)
+    log_base = score(base, batch, batch_size=config.batch_size, progress=advance).log_prob.numpy()
+    texts = _decode(tokenizer, batch)
+    log_potential = target.log_potential(texts)
+    estimate = log_partition(log_potential)
+    hint = ("raise audit.base_samples, or choose target words that the base model produces more often")
+    if not np.any(log_potential == 0.0):
+        raise EstimationError(
+            f"log Z cannot be estimated: none of the {config.base_samples} base-model samples contains any of "
+            f"the target words {list(target.feature.words)}; {hint}"
+        )
+    require_finite_log_partition(estimate, hint)
+    return BaseSample(batch, texts, log_base, log_potential, estimate)
+
+
+def audit_model(
+    name: str,
+    model_name: str,
+    policy,
+    base,
+    tokenizer,
+    target: PointwiseTarget,
+    base_sample: BaseSample,
+    config: AuditConfig,
+    max_new_tokens: int,
+    seed: int,
+    progress: ProgressFactory | None = None,
+) -> ModelAudit:
+    """Sample ``policy`` and estimate every metric, each with its standard error and 95% CI."""
+    progress = progress or _silent_progress
+    prompt = default_prompt(tokenizer)
+    advance = progress(f"{name}: sampling", config.samples)
+    batch = sample(policy, prompt, config.samples, max_new_tokens, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id, batch_size=config.batch_size, seed=seed, progress=advance)
+
+    advance = progress(f"{name}: scoring", config.samples + len(base_sample.batch))
+    policy_scores, base_scores, token_kl = score_pair(policy, base, batch, config.batch_size, progress=advance)
+    log_prob_on_base = score(policy, base_sample.batch, config.batch_size, progress=advance).log_prob.numpy()
+
+    texts = _decode(tokenizer, batch)
+    satisfied = target.constraint(texts)
+    log_potential = target.log_potential(texts)
+    log_policy = policy_scores.log_prob.numpy()
+    log_base = base_scores.log_prob.numpy()
+    log_ratios = log_policy - (log_base + log_potential)
+    lengths = batch.lengths.numpy().astype(np.float64)
+    log_z = base_sample.log_partition
+
+    metrics: dict[str, Estimate] = {}
+    for divergence_name, divergence in DIVERGENCES.items():
+        metrics[divergence_name] = policy_divergence(divergence, log_ratios, log_z)
+    metrics["reverse_kl_on_support"] = reverse_kl_on_support(log_ratios, log_z)
+    metrics["forward_kl_from_base"] = forward_kl_from_base(
+        base_sample.log_potential, base_sample.log_base - log_prob_on_base
+    )
+    metrics["constraint_satisfaction"] = constraint_satisfaction(satisfied)
+    metrics["kl_to_base"] = mean_estimate(log_policy - log_base)
+    metrics["kl_to_base_tokenwise"] = mean_estimate(token_kl.numpy())
+    metrics["sequence_entropy"] = mean_estimate(-log_policy)
+    metrics["mean_token_entropy"] = mean_estimate(policy_scores.token_entropy_sum.numpy() / lengths)
+
+    advance = progress(f"{name}: diversity", 1)
+    for n in (1, 2, 3):
+        metrics[f"distinct_{n}"] = distinct_n(texts, n, config.bootstrap_resamples, seed=seed)
+    metrics["self_bleu"] = self_bleu(texts, config.self_bleu_samples)
+    metrics["mean_length"] = mean_estimate(lengths)
+    advance(1)
+
+    samples = {
+        "text": texts,
+        "token_ids": [row[:length] for row, length in zip(batch.sequences.tolist(), batch.lengths.tolist())],
+        "length": batch.lengths.tolist(),
+        "log_prob": log_policy.tolist(),
+        "log_prob_base": log_base.tolist(),
+        "constraint": satisfied.tolist(),
+        "log_potential": log_potential.tolist(),
+        "token_kl_to_base": token_kl.numpy().tolist(),
+        "token_entropy_sum": policy_scores.token_entropy_sum.numpy().tolist(),
+    }
+    violations = int(np.count_nonzero(~np.isfinite(log_ratios)))
+    info = {"violations": violations, "violation_rate": violations / len(texts)}
+    return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, info)
+
+
+def save_samples(columns: dict[str, list], path: Path) -> None:
+    """Write sample columns to Parquet through ``datasets``, atomically.
+
+    −∞ log-potentials (hard-constraint violations) are stored as -inf floats.
+    """
+    from datasets import Dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    Dataset.from_dict(columns).to_parquet(str(temporary))
+    temporary.replace(path)
+
+
+def base_sample_columns(base_sample: BaseSample, audits: list[ModelAudit]) -> dict[str, list]:
+    """Columns of the shared base sample, with each audited model's log-prob on it."""
+    batch = base_sample.batch
+    columns = {
+        "text": base_sample.texts,
+        "token_ids": [row[:length] for row, length in zip(batch.sequences.tolist(), batch.lengths.tolist())],
+        "length": batch.lengths.tolist(),
+        "log_prob_base": base_sample.log_base.tolist(),
+        "log_potential": base_sample.log_potential.tolist(),
+    }
+    for audit in audits:
+        columns[f"log_prob__{audit.name}"] = audit.log_prob_on_base_sample.tolist()
+    return columns
+
+
+def seed_for_model(audit_seed: int, index: int) -> int:
+    """Seed of the policy sample of the index-th audited model, distinct from the base sample's."""
+    return audit_seed + 1000 * (index + 1)

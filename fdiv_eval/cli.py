@@ -1,0 +1,311 @@
+"""The ``fdiv`` command line: run, train, audit, compare and base build.
+
+Exit status: 0 on success, 1 on a failed check, 2 on invalid input (with a
+one-line message on stderr and no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from fdiv_eval.errors import InvalidInputError
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_INVALID_INPUT = 2
+
+
+@contextlib.contextmanager
+def progress_factory(console, enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Yield a factory that starts rich progress bars and returns their advance callables."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not enabled:
+        yield lambda description, total: (lambda count: None)
+        return
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )
+    with progress:
+        def start(description: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(description, total=total)
+            return lambda count: progress.advance(task, count)
+
+        yield start
+
+
+def _target_from_suite(suite):
+    from fdiv_eval.targets import PointwiseTarget, WordListFeature
+
+    return PointwiseTarget(WordListFeature(tuple(suite.target.words)), suite.target.epsilon)
+
+
+def _train_config(suite, method: str, steps: int | None = None):
+    from trainers.fdpg import FDPGConfig
+
+    train = suite.train
+    return FDPGConfig(
+        method=method, alpha=train.alpha, steps=steps or train.steps, batch_size=train.batch_size,
+        max_new_tokens=suite.max_new_tokens, learning_rate=train.learning_rate, optimizer=train.optimizer,
+        weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, baseline=train.baseline,
+        checkpoint_every=train.checkpoint_every, log_partition_samples=train.log_partition_samples,
+        seed=train.seed, suite_hash=suite.content_hash(),
+    )
+
+
+def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path, steps: int | None = None) -> dict:
+    from trainers.fdpg import train_policy
+
+    target = _target_from_suite(suite)
+    checkpoints = {}
+    for method in methods:
+        config = _train_config(suite, method, steps)
+        with progress_factory(console, show_progress) as start:
+            advance = start(f"training {method}", config.steps)
+            done = {"count": 0}
+
+            def on_step(step: int, total: int, metrics: dict) -> None:
+                advance(step - done["count"])
+                done["count"] = step
+
+            result = train_policy(suite.base_model, target, config, runs_path / method, on_step=on_step)
+        last = result.last_metrics
+        summary = ""
+        if last:
+            summary = (f": constraint rate on the last batch {last['train/constraint_satisfaction']:.2f}, "
+                       f"KL to base {last['train/kl_to_base']:.2f} nats")
+        resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
+        console.print(f"{method}: {result.steps_run} steps in {result.seconds:.1f} s{resumed}{summary}")
+        checkpoints[method] = result.final_checkpoint
+    return checkpoints
+
+
+def _audit_models(suite, models: list[tuple[str, str, str | None]], console, show_progress: bool,
+                  report_path: Path, started: float) -> dict:
+    """Audit (name, model path, method) triples and write the report files."""
+    from fdiv_eval.audit import audit_model, base_sample_columns, draw_base_sample, save_samples, seed_for_model
+    from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
+    from fdiv_eval.sequences import load_model, load_tokenizer
+
+    target = _target_from_suite(suite)
+    tokenizer = load_tokenizer(suite.base_model)
+    base = load_model(suite.base_model)
+    audits = []
+    with progress_factory(console, show_progress) as start:
+        base_sample = draw_base_sample(base, tokenizer, target, suite.audit, suite.max_new_tokens, progress=start)
+        for index, (name, model_path, method) in enumerate(models):
+            policy = base if model_path == suite.base_model else load_model(model_path)
+            audit = audit_model(name, model_path, policy, base, tokenizer, target, base_sample, suite.audit,
+                                suite.max_new_tokens, seed_for_model(suite.audit.seed, index), progress=start)
+            audits.append((audit, method))
+
+    entries = []
+    for audit, method in audits:
+        samples_file = f"samples/{audit.name}.parquet"
+        save_samples(audit.samples, report_path / samples_file)
+        entries.append({"name": audit.name, "model": str(audit.model), "method": method,
+                        "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
+    save_samples(base_sample_columns(base_sample, [a for a, _ in audits]), report_path / "samples" / "_base_sample.parquet")
+
+    settings = {"max_new_tokens": suite.max_new_tokens, "audit": vars(suite.audit).copy(),
+                "base_model": suite.base_model}
+    report = build_report(suite.name, suite.content_hash(), target.describe(), base_sample.log_partition,
+                          entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1))
+    write_json(report, report_path / "report.json")
+    write_atomic(report_path / "report.md", render_markdown(report))
+    print_table(report, console)
+    console.print(f"wrote {report_path / 'report.json'} and {report_path / 'report.md'}")
+    return report
+
+
+def _command_run(args, console) -> int:
+    from fdiv_eval.suite import load_suite
+
+    started = time.perf_counter()
+    suite = load_suite(args.suite)
+    checkpoints = _train_methods(suite, suite.train.methods, console, not args.no_progress, suite.runs_path)
+    models = [("base", suite.base_model, None)]
+    models += [(method, str(path), method) for method, path in checkpoints.items()]
+    _audit_models(suite, models, console, not args.no_progress, suite.report_path, started)
+    console.print(f"total time: {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
+def _command_train(args, console) -> int:
+    from fdiv_eval.divergences import get_divergence
+    from fdiv_eval.suite import load_suite
+
+    suite = load_suite(args.suite)
+    if args.divergence:
+        get_divergence(args.divergence, args.alpha)
+    methods = args.method or ([args.divergence] if args.divergence else list(suite.train.methods))
+    if args.alpha is not None:
+        import dataclasses
+
+        suite = dataclasses.replace(suite, train=dataclasses.replace(suite.train, alpha=args.alpha))
+    for method in methods:
+        get_divergence(method, suite.train.alpha)
+    from fdiv_eval.suite import validate_suite
+    import dataclasses
+
+    validate_suite(dataclasses.replace(suite, train=dataclasses.replace(suite.train, methods=tuple(methods))))
+    runs_path = Path(args.output) if args.output else suite.runs_path
+    _train_methods(suite, methods, console, not args.no_progress, runs_path, args.steps)
+    return EXIT_OK
+
+
+def _parse_model_argument(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator:
+        path = text
+        name = Path(text.rstrip("/")).name
+        if name == "final":
+            name = Path(text.rstrip("/")).parent.name
+    if not name or not path:
+        raise InvalidInputError(f"--model expects NAME=PATH or PATH, got {text!r}")
+    return name, path
+
+
+def _command_audit(args, console) -> int:
+    from fdiv_eval.sequences import resolve_model_path
+    from fdiv_eval.suite import load_suite
+
+    started = time.perf_counter()
+    suite = load_suite(args.suite)
+    if args.samples is not None:
+        import dataclasses
+
+        suite = dataclasses.replace(suite, audit=dataclasses.replace(suite.audit, samples=args.samples))
+    models: list[tuple[str, str, str | None]] = []
+    if not args.no_base:
+        models.append(("base", suite.base_model, None))
+    if args.model:
+        for text in args.model:
+            name, path = _parse_model_argument(text)
+            resolve_model_path(path)
+            models.append((name, path, None))
+    else:
+        for method in suite.train.methods:
+            path = suite.runs_path / method / "final"
+            if not (path / "config.json").is_file():
+                raise InvalidInputError(
+                    f"checkpoint {str(path)!r} not found; run `fdiv train {args.suite}` first or pass --model PATH"
+                )
+            models.append((method, str(path), method))
+    names = [name for name, _, _ in models]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"model names must be unique, got {names}; name them with --model NAME=PATH")
+    report_path = Path(args.output) if args.output else suite.report_path
+    _audit_models(suite, models, console, not args.no_progress, report_path, started)
+    return EXIT_OK
+
+
+def _command_compare(args, console) -> int:
+    from fdiv_eval.report import load_report, print_table
+
+    for path in args.reports:
+        print_table(load_report(path), console)
+    return EXIT_OK
+
+
+def _command_base_build(args, console) -> int:
+    from fdiv_eval.base_model import BaseModelConfig, build_base_model, embedded_model_path
+
+    config = BaseModelConfig(steps=args.steps) if args.steps else BaseModelConfig()
+    output = Path(args.output) if args.output else embedded_model_path()
+    with progress_factory(console, not args.no_progress) as start:
+        advance = start("training the base model", config.steps)
+        summary = build_base_model(output, config, progress=lambda step, total, loss: advance(1))
+    console.print(
+        f"wrote {output}: {summary['parameters']:,} parameters, validation perplexity "
+        f"{summary['validation_perplexity']:.2f} per token on {summary['validation_sentences']:,} held-out sentences"
+    )
+    return EXIT_OK
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' own progress bars and advice; fdiv shows its own progress."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fdiv",
+        description="Train language models by f-divergence minimization and audit how far they are from "
+                    "their target. All divergences are in nats (natural logs); intervals are 95% CIs.",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="train every method of a suite, audit them and the base, write the report")
+    run.add_argument("suite", help="path of a suite YAML file, for example suites/quickstart.yaml")
+    run.set_defaults(handler=_command_run)
+
+    train = commands.add_parser("train", help="train methods of a suite (resumes from the latest checkpoint)")
+    train.add_argument("suite", help="path of a suite YAML file")
+    train.add_argument("--method", action="append",
+                       help="method to train (preset rlhf/gdc or a divergence name); repeatable; "
+                            "default: the suite's train.methods")
+    train.add_argument("--divergence", help="train this f-divergence (same names as --method)")
+    train.add_argument("--alpha", type=float, help="alpha of the alpha divergence (not 0 or 1)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the suite's train.steps)")
+    train.add_argument("--output", help="folder for checkpoints (default: the suite's runs_dir)")
+    train.set_defaults(handler=_command_train)
+
+    audit = commands.add_parser("audit", help="audit checkpoints against the suite's target and write a report")
+    audit.add_argument("suite", help="path of a suite YAML file (gives the base model, target and audit settings)")
+    audit.add_argument("--model", action="append",
+                       help="checkpoint to audit as NAME=PATH or PATH; repeatable; default: the suite's trained "
+                            "methods under runs_dir")
+    audit.add_argument("--no-base", action="store_true", help="do not audit the base model itself")
+    audit.add_argument("--samples", type=int, help="policy samples per model (default: the suite's audit.samples)")
+    audit.add_argument("--output", help="report folder (default: the suite's report_dir)")
+    audit.set_defaults(handler=_command_audit)
+
+    compare = commands.add_parser("compare", help="print the comparison table of one or more report.json files")
+    compare.add_argument("reports", nargs="+", help="report.json files or the folders that hold them")
+    compare.set_defaults(handler=_command_compare)
+
+    base = commands.add_parser("base", help="the embedded Austen base model")
+    base_commands = base.add_subparsers(dest="base_command", required=True, metavar="ACTION")
+    build = base_commands.add_parser("build", help="rebuild the embedded base model from the corpus (deterministic "
+                                                   "for a fixed torch version and thread count)")
+    build.add_argument("--output", help="folder to write (default: the shipped base_model folder)")
+    build.add_argument("--steps", type=int, help="training steps (default 2000)")
+    build.set_defaults(handler=_command_base_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    console = Console()
+    try:
+        return args.handler(args, console)
+    except InvalidInputError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID_INPUT
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; rerun the same command to resume from the last checkpoint")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Names, units and directions of the metrics that an audit reports.
+
+``direction`` says which way is better: ``lower`` for divergences to the
+target, ``higher`` for constraint satisfaction, ``none`` where neither is
+better in general (drift from the base model, diversity, length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    label: str
+    direction: str
+    """``lower``, ``higher`` or ``none``."""
+    unit: str
+    description: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    "forward_kl": MetricInfo("KL(p‖π)", "lower", "nats", "forward KL from the target to the model (GDC objective)"),
+    "reverse_kl": MetricInfo("KL(π‖p)", "lower", "nats",
+                             "reverse KL from the model to the target (RLHF objective); +∞ if any sample has P = 0"),
+    "reverse_kl_on_support": MetricInfo("KL(π_S‖p)", "lower", "nats",
+                                        "reverse KL of the model restricted to the target's support"),
+    "js": MetricInfo("JS", "lower", "nats", "Jensen–Shannon divergence (not the distance), at most log 2"),
+    "tv": MetricInfo("TV", "lower", "", "total variation distance ½·Σ|π − p|, at most 1"),
+    "hellinger": MetricInfo("H²", "lower", "", "squared Hellinger distance 1 − Σ√(π·p), at most 1"),
+    "chi2_pearson": MetricInfo("χ²(π‖p)", "lower", "", "Pearson χ² divergence of the model from the target"),
+    "chi2_neyman": MetricInfo("χ²(p‖π)", "lower", "", "Neyman χ² divergence"),
+    "forward_kl_from_base": MetricInfo("KL(p‖π) base-IS", "lower", "nats",
+                                       "forward KL estimated from base-model samples only (cross-check)"),
+    "constraint_satisfaction": MetricInfo("E_π[b]", "higher", "fraction",
+                                          "fraction of samples that satisfy the constraint"),
+    "kl_to_base": MetricInfo("KL(π‖π0)", "none", "nats", "drift from the base model, sequence-level estimator"),
+    "kl_to_base_tokenwise": MetricInfo("KL(π‖π0) tok", "none", "nats",
+                                       "drift from the base model, sum of exact per-token KLs along sampled prefixes"),
+    "sequence_entropy": MetricInfo("H(π)", "none", "nats", "entropy of the model's sequence distribution"),
+    "mean_token_entropy": MetricInfo("H/token", "none", "nats", "mean per-token entropy along sampled prefixes"),
+    "distinct_1": MetricInfo("dist-1", "none", "fraction", "corpus-level distinct unigrams"),
+    "distinct_2": MetricInfo("dist-2", "none", "fraction", "corpus-level distinct bigrams"),
+    "distinct_3": MetricInfo("dist-3", "none", "fraction", "corpus-level distinct trigrams"),
+    "self_bleu": MetricInfo("Self-BLEU", "none", "0-100", "each sample's BLEU against the other samples"),
+    "mean_length": MetricInfo("length", "none", "tokens", "mean generated length, EOS included"),
+}
+
+SUMMARY_METRICS = (
+    "forward_kl", "reverse_kl", "js", "tv", "constraint_satisfaction", "kl_to_base",
+    "distinct_2", "self_bleu", "mean_length",
+)
+"""Metrics shown in the terminal table; reports list all of them."""
+
+
+def arrow(direction: str) -> str:
+    return {"lower": "↓", "higher": "↑"}.get(direction, "")

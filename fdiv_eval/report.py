@@ -1,0 +1,199 @@
+"""Comparison reports: versioned JSON, Markdown and a rich terminal table.
+
+The JSON schema is documented in ``docs/report-schema.md``; bump
+``SCHEMA_VERSION`` on any change that breaks a reader.
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from fdiv_eval import __version__
+from fdiv_eval.estimates import Estimate, encode_float
+from fdiv_eval.errors import InvalidInputError
+from fdiv_eval.metrics import METRICS, SUMMARY_METRICS, arrow
+
+SCHEMA_VERSION = 1
+
+CONVENTIONS = (
+    "Natural logarithms; KL, JS and entropies in nats. JS is the Jensen-Shannon divergence "
+    "(no square root), TV = 1/2 sum |pi - p|, Hellinger is squared: 1 - sum sqrt(pi p). "
+    "Intervals are 95% confidence intervals."
+)
+
+
+def build_report(
+    suite_name: str,
+    suite_hash: str,
+    target: dict,
+    log_partition: Estimate,
+    models: list[dict],
+    settings: dict,
+    elapsed_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Assemble the report document.
+
+    Each entry of ``models`` has ``name``, ``model`` (path or id),
+    ``metrics`` (name → Estimate) and optionally ``method``, ``samples_file``
+    and ``info``.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generator": f"fdiv-eval {__version__}",
+        "created": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+        "suite": {"name": suite_name, "hash": suite_hash},
+        "conventions": CONVENTIONS,
+        "target": target,
+        "settings": settings,
+        "log_partition": log_partition.to_dict(),
+        "metrics": {
+            name: {"label": info.label, "direction": info.direction, "unit": info.unit,
+                   "description": info.description}
+            for name, info in METRICS.items()
+        },
+        "models": [
+            {
+                "name": entry["name"],
+                "model": entry["model"],
+                "method": entry.get("method"),
+                "samples_file": entry.get("samples_file"),
+                "info": {k: encode_float(v) for k, v in entry.get("info", {}).items()},
+                "metrics": {name: estimate.to_dict() for name, estimate in entry["metrics"].items()},
+            }
+            for entry in models
+        ],
+        "elapsed_seconds": elapsed_seconds,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_json(report: dict, path: Path) -> None:
+    write_atomic(path, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def load_report(path: str | Path) -> dict:
+    """Read a report.json, checking its schema version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise InvalidInputError(f"report {str(path)!r} not found; pass a report.json or the folder that holds it")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"report {str(path)!r} is not valid JSON: {error}") from error
+    version = report.get("schema_version") if isinstance(report, dict) else None
+    if version != SCHEMA_VERSION:
+        raise InvalidInputError(
+            f"report {str(path)!r} has schema_version {version!r}; this fdiv-eval reads version {SCHEMA_VERSION}"
+        )
+    return report
+
+
+def model_estimates(entry: dict) -> dict[str, Estimate]:
+    return {name: Estimate.from_dict(data) for name, data in entry["metrics"].items()}
+
+
+def format_number(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude >= 1e4 or magnitude < 1e-3):
+        return f"{value:.2e}"
+    return f"{value:.3f}" if magnitude < 10 else f"{value:.1f}"
+
+
+def format_estimate(estimate: Estimate, with_interval: bool = True) -> str:
+    text = format_number(estimate.value)
+    if with_interval and math.isfinite(estimate.value):
+        text += f" [{format_number(estimate.ci_low)}, {format_number(estimate.ci_high)}]"
+    if not estimate.reliable:
+        text += " (!)"
+    return text
+
+
+def metric_header(name: str) -> str:
+    info = METRICS.get(name)
+    if info is None:
+        return name
+    mark = arrow(info.direction)
+    return f"{info.label} {mark}".strip()
+
+
+def render_markdown(report: dict) -> str:
+    """Render the report as Markdown: one table of all metrics, models as columns."""
+    models = report["models"]
+    log_z = Estimate.from_dict(report["log_partition"])
+    lines = [
+        f"# fdiv-eval report: {report['suite']['name']}",
+        "",
+        f"Suite hash `{report['suite']['hash']}`, created {report['created']} by {report['generator']}.",
+        "",
+        f"Target: `{report['target'].get('formula', report['target'])}`",
+        f"with words {report['target'].get('words')} and epsilon = {report['target'].get('epsilon')}.",
+        "",
+        f"log Z = {format_estimate(log_z)} from {log_z.n} base-model samples ({log_z.method}).",
+        "",
+        report["conventions"] + " ↓ lower is better, ↑ higher is better; (!) marks an estimate flagged "
+        "unreliable (Pareto k̂ > 0.7 or effective sample size below 10).",
+        "",
+    ]
+    header = "| metric | " + " | ".join(entry["name"] for entry in models) + " |"
+    lines += [header, "|" + "---|" * (len(models) + 1)]
+    estimates = [model_estimates(entry) for entry in models]
+    for name in METRICS:
+        if not any(name in e for e in estimates):
+            continue
+        cells = [format_estimate(e[name]) if name in e else "" for e in estimates]
+        lines.append(f"| {metric_header(name)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("## Notes")
+    lines.append("")
+    for entry, estimate_map in zip(models, estimates):
+        for name, estimate in estimate_map.items():
+            for note in estimate.notes:
+                lines.append(f"- {entry['name']}, {name}: {note}")
+    lines.append("")
+    lines.append("## Metrics")
+    lines.append("")
+    for name, info in METRICS.items():
+        unit = f" ({info.unit})" if info.unit else ""
+        lines.append(f"- **{info.label}**{unit}: {info.description}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> None:
+    """Print one row per model, each metric as value [95% CI], with ↓/↑ marking the better direction."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    log_z = Estimate.from_dict(report["log_partition"])
+    table = Table(
+        title=f"{report['suite']['name']}: log Z = {format_estimate(log_z)}",
+        caption="value [95% CI]; ↓ lower is better, ↑ higher is better; (!) unreliable estimate",
+    )
+    table.add_column("model", style="bold")
+    for name in metric_names:
+        table.add_column(metric_header(name), justify="right")
+    for entry in report["models"]:
+        estimates = model_estimates(entry)
+        row = [entry["name"]]
+        for name in metric_names:
+            row.append(format_estimate(estimates[name]) if name in estimates else "")
+        table.add_row(*row)
+    console.print(table)

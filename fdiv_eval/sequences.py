@@ -1,0 +1,297 @@
+"""Loading causal LMs, pure ancestral sampling and teacher-forced scoring.
+
+A generated sequence x is the continuation of a prompt (by default the single
+BOS token): its tokens up to and including the first EOS, or
+``max_new_tokens`` tokens when no EOS comes. ``SampleBatch`` stores the
+continuations right-padded with ``pad_token_id`` together with their lengths,
+and every mask is built from those lengths, never from token values, because
+the pad token often equals EOS.
+
+Rules that keep the sampled distribution equal to the scored one:
+
+- models sample and score in eval mode, so dropout is off;
+- sampling is ancestral at temperature 1, with no top-k, top-p or repetition
+  penalty, whatever the checkpoint's own ``generation_config`` says;
+- log-probs come from one teacher-forced forward pass, with log-softmax in
+  float32 (or the model's dtype if wider) and sums over tokens in float64.
+
+Shapes: B = batch size, P = prompt length, T = longest continuation, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from fdiv_eval.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int], None]
+"""Called with the number of sequences just finished."""
+
+
+@dataclass
+class SampleBatch:
+    """Continuations of one prompt, right-padded, with their lengths."""
+
+    prompt_ids: torch.Tensor  # [P]
+    sequences: torch.Tensor  # [B, T], padded with pad_token_id after each length
+    lengths: torch.Tensor  # [B], number of tokens including the first EOS
+
+    def __len__(self) -> int:
+        return int(self.sequences.shape[0])
+
+    def slice(self, start: int, stop: int) -> "SampleBatch":
+        lengths = self.lengths[start:stop]
+        width = int(lengths.max()) if lengths.numel() else 0
+        return SampleBatch(self.prompt_ids, self.sequences[start:stop, :width], lengths)
+
+    def batches(self, batch_size: int) -> Iterator["SampleBatch"]:
+        for start in range(0, len(self), batch_size):
+            yield self.slice(start, start + batch_size)
+
+    @staticmethod
+    def concatenate(parts: list["SampleBatch"], pad_token_id: int) -> "SampleBatch":
+        width = max(part.sequences.shape[1] for part in parts)
+        padded = [
+            torch.nn.functional.pad(part.sequences, (0, width - part.sequences.shape[1]), value=pad_token_id)
+            for part in parts
+        ]
+        return SampleBatch(parts[0].prompt_ids, torch.cat(padded), torch.cat([p.lengths for p in parts]))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``embedded:austen`` to the shipped checkpoint; check that a local path exists."""
+    from fdiv_eval.base_model import EMBEDDED_MODEL_NAME, embedded_model_path
+
+    if name_or_path == EMBEDDED_MODEL_NAME:
+        return str(embedded_model_path())
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        raise InvalidInputError(
+            f"model {name_or_path!r} not found: expected a folder with config.json "
+            f"(a Hugging Face checkpoint), a hub id where a hub is reachable, or {EMBEDDED_MODEL_NAME!r}"
+        )
+    return str(path) if looks_local else name_or_path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Load a causal LM in eval mode, with dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+    except OSError as error:
+        raise InvalidInputError(f"could not load model {name_or_path!r}: {error}") from error
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"could not load the tokenizer of {name_or_path!r}: {error}") from error
+    if tokenizer.eos_token_id is None:
+        raise InvalidInputError(f"the tokenizer of {name_or_path!r} has no EOS token; set eos_token in its config")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_prompt(tokenizer) -> torch.Tensor:
+    """The prompt of unconditional generation: the BOS token (EOS when there is no BOS)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return torch.tensor([token], dtype=torch.long)
+
+
+def ancestral_generation_config(max_new_tokens: int, eos_token_id: int, pad_token_id: int):
+    """A generation config for pure ancestral sampling that overrides the checkpoint's settings."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+
+
+def _lengths_from_eos(generated: torch.Tensor, eos_token_id: int, width: int) -> torch.Tensor:
+    """Length of each row up to and including its first EOS, or ``width`` when it has none."""
+    is_eos = generated == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = is_eos.int().argmax(dim=1)
+    return torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, width))
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    n: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    batch_size: int = 256,
+    seed: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> SampleBatch:
+    """Draw n continuations of ``prompt_ids`` by pure ancestral sampling.
+
+    When ``seed`` is given, the draws depend only on it (and the model);
+    otherwise they continue torch's global random stream.
+    """
+    if n < 1:
+        raise InvalidInputError(f"number of samples must be at least 1, got {n}")
+    was_training = model.training
+    model.eval()
+    config = ancestral_generation_config(max_new_tokens, eos_token_id, pad_token_id)
+    generator_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    parts = []
+    try:
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            inputs = prompt_ids.unsqueeze(0).expand(count, -1)
+            output = model.generate(
+                input_ids=inputs,
+                attention_mask=torch.ones_like(inputs),
+                generation_config=config,
+            )
+            generated = output[:, prompt_ids.numel():]
+            lengths = _lengths_from_eos(generated, eos_token_id, generated.shape[1])
+            positions = torch.arange(generated.shape[1]).unsqueeze(0)
+            generated = generated.masked_fill(positions >= lengths.unsqueeze(1), pad_token_id)
+            parts.append(SampleBatch(prompt_ids, generated, lengths))
+            if progress is not None:
+                progress(count)
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return SampleBatch.concatenate(parts, pad_token_id)
+
+
+def token_log_probs(model, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the full next-token log-softmax at each continuation position, and the mask.
+
+    One teacher-forced forward pass over prompt + continuation. Returns
+    log-probs [B, T, V] (float32 or wider) and the length mask [B, T].
+    Gradients flow when called outside ``torch.no_grad``.
+    """
+    count, width = batch.sequences.shape
+    prompt_length = batch.prompt_ids.numel()
+    prompt = batch.prompt_ids.unsqueeze(0).expand(count, -1)
+    input_ids = torch.cat([prompt, batch.sequences], dim=1)
+    positions = torch.arange(width).unsqueeze(0)
+    mask = positions < batch.lengths.unsqueeze(1)
+    attention_mask = torch.cat([torch.ones_like(prompt, dtype=torch.bool), mask], dim=1).long()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # The logit at position i predicts token i + 1, so the continuation's
+    # tokens are predicted by positions P − 1 .. P + T − 2.
+    logits = logits[:, prompt_length - 1 : prompt_length - 1 + width]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1), mask
+
+
+def sequence_log_probs_with_grad(model, batch: SampleBatch) -> torch.Tensor:
+    """Return log π(x) per sequence [B] in float64, keeping the autograd graph."""
+    log_probs, mask = token_log_probs(model, batch)
+    chosen = log_probs.gather(-1, batch.sequences.unsqueeze(-1)).squeeze(-1)
+    return (chosen.double() * mask).sum(dim=1)
+
+
+@dataclass
+class SequenceScores:
+    """Per-sequence scores of one model on a sample; float64 tensors of shape [B]."""
+
+    log_prob: torch.Tensor
+    token_entropy_sum: torch.Tensor
+    """Σ_t H(π(·|x<t)) along the sampled prefixes."""
+
+
+@torch.no_grad()
+def score(model, batch: SampleBatch, batch_size: int = 256, progress: ProgressCallback | None = None) -> SequenceScores:
+    """Score sequences with one model: log-prob and summed per-token entropy."""
+    log_prob_parts, entropy_parts = [], []
+    for part in batch.batches(batch_size):
+        log_probs, mask = token_log_probs(model, part)
+        chosen = log_probs.gather(-1, part.sequences.unsqueeze(-1)).squeeze(-1)
+        log_prob_parts.append((chosen.double() * mask).sum(dim=1))
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+        entropy_parts.append((entropy.double() * mask).sum(dim=1))
+        if progress is not None:
+            progress(len(part))
+    return SequenceScores(torch.cat(log_prob_parts), torch.cat(entropy_parts))
+
+
+@torch.no_grad()
+def score_pair(
+    policy, base, batch: SampleBatch, batch_size: int = 256, progress: ProgressCallback | None = None
+) -> tuple[SequenceScores, SequenceScores, torch.Tensor]:
+    """Score with the policy and the base model on the same sequences.
+
+    Also returns Σ_t KL(π(·|x<t) ‖ π0(·|x<t)) per sequence [B], the exact
+    per-token KLs summed along the sampled prefixes. Its mean over x ∼ π is
+    an unbiased, lower-variance estimate of the sequence-level KL(π‖π0).
+    """
+    policy_parts, base_parts, kl_parts = [], [], []
+    for part in batch.batches(batch_size):
+        policy_log_probs, mask = token_log_probs(policy, part)
+        base_log_probs, _ = token_log_probs(base, part)
+        index = part.sequences.unsqueeze(-1)
+        policy_probs = policy_log_probs.exp()
+        token_kl = (policy_probs * (policy_log_probs - base_log_probs)).sum(dim=-1)
+        entropy = -(policy_probs * policy_log_probs).sum(dim=-1)
+        policy_parts.append(
+            SequenceScores(
+                (policy_log_probs.gather(-1, index).squeeze(-1).double() * mask).sum(dim=1),
+                (entropy.double() * mask).sum(dim=1),
+            )
+        )
+        base_entropy = -(base_log_probs.exp() * base_log_probs).sum(dim=-1)
+        base_parts.append(
+            SequenceScores(
+                (base_log_probs.gather(-1, index).squeeze(-1).double() * mask).sum(dim=1),
+                (base_entropy.double() * mask).sum(dim=1),
+            )
+        )
+        kl_parts.append((token_kl.double() * mask).sum(dim=1))
+        if progress is not None:
+            progress(len(part))
+
+    def join(parts: list[SequenceScores]) -> SequenceScores:
+        return SequenceScores(torch.cat([p.log_prob for p in parts]), torch.cat([p.token_entropy_sum for p in parts]))
+
+    return join(policy_parts), join(base_parts), torch.cat(kl_parts)
+
+
+def decode(tokenizer, batch: SampleBatch) -> list[str]:
+    """Decode each continuation up to its length, dropping special tokens."""
+    texts = []
+    for row, length in zip(batch.sequences.tolist(), batch.lengths.tolist()):
+        texts.append(tokenizer.decode(row[:length], skip_special_tokens=True))
+    return texts

@@ -1,0 +1,272 @@
+"""Suite files: one YAML document that declares a whole experiment.
+
+A suite names the base model, the target, the methods to train, the audit
+settings and where outputs go. It loads into frozen dataclasses; every default
+lives in the dataclass fields below. An unknown or mistyped key fails at load
+with its dotted path (for example ``train.learning_rat``).
+
+Example::
+
+    name: quickstart
+    base_model: embedded:austen
+    max_new_tokens: 32
+    target:
+      type: word_list
+      words: [love, heart]
+      epsilon: 0.001
+    train:
+      methods: [rlhf, gdc, js, tv]
+      steps: 80
+    audit:
+      samples: 1024
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fdiv_eval.divergences import DIVERGENCES, PRESETS, get_divergence
+from fdiv_eval.errors import InvalidInputError
+
+OPTIMIZERS = ("adamw", "sgd", "rmsprop")
+BASELINES = ("mean", "leave_one_out", "none")
+TARGET_TYPES = ("word_list",)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The target P(x) = π0(x)·max(b(x), ε)."""
+
+    type: str = "word_list"
+    """Kind of target; ``word_list`` is a pointwise constraint on listed words."""
+    words: tuple[str, ...] = ()
+    """b(x) = 1 when the text contains any of these words (whole word, case-insensitive)."""
+    epsilon: float = 0.0
+    """Floor ε of the potential, in [0, 1). 0 is a hard constraint; reverse KL and
+    Pearson χ² training need ε > 0 because they are infinite otherwise."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """f-DPG training settings, shared by every method of the suite."""
+
+    methods: tuple[str, ...] = ("rlhf", "gdc", "js", "tv")
+    """Presets (``rlhf`` = reverse_kl, ``gdc`` = forward_kl) or divergence names."""
+    alpha: float | None = None
+    """α of the ``alpha`` divergence, when that method is listed."""
+    steps: int = 80
+    """Optimizer steps per method."""
+    batch_size: int = 128
+    """Policy samples per step."""
+    learning_rate: float = 1e-3
+    optimizer: str = "adamw"
+    """``adamw``, ``sgd`` or ``rmsprop``."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold on the global L2 norm."""
+    baseline: str = "mean"
+    """Pseudo-reward baseline: ``mean`` (batch mean), ``leave_one_out`` or ``none``."""
+    checkpoint_every: int = 40
+    """Write a resumable checkpoint every this many steps (and always at the end)."""
+    log_partition_samples: int = 2048
+    """Base-model samples that start the running estimate of log Z."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Audit settings: sample sizes and estimator options."""
+
+    samples: int = 1024
+    """Policy samples per audited model."""
+    base_samples: int = 4096
+    """Independent base-model samples for log Z and the forward-KL cross-check."""
+    batch_size: int = 256
+    """Sequences per generate call and per scoring pass."""
+    self_bleu_samples: int = 200
+    """Self-BLEU compares each of this many samples against the others."""
+    bootstrap_resamples: int = 200
+    """Resamples for the standard errors of distinct-n."""
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A whole experiment: base model, target, training and audit."""
+
+    name: str
+    base_model: str = "embedded:austen"
+    """``embedded:austen`` (the shipped Austen GPT-2), a local checkpoint folder, or a hub id."""
+    max_new_tokens: int = 32
+    """Horizon T of every generated sequence, in tokens (EOS included)."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    runs_dir: str = "runs/{name}"
+    """Where checkpoints go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
+    report_dir: str = "reports/{name}"
+    """Where reports go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
+
+    @property
+    def runs_path(self) -> Path:
+        return Path(self.runs_dir.format(name=self.name))
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report_dir.format(name=self.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def content_hash(self) -> str:
+        """SHA-256 of the suite's canonical JSON, first 16 hex digits."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, default=list)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """Convert a YAML value to the annotated field type, or raise naming ``path``."""
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        options = [a for a in arguments if a is not type(None)]
+        return _convert(value, options[0], path)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"suite field {path!r} must be a mapping, got {value!r}")
+        return _build(annotation, value, path + ".")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise InvalidInputError(f"suite field {path!r} must be a list, got {value!r}")
+        return tuple(_convert(item, arguments[0], f"{path}[{i}]") for i, item in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"suite field {path!r} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInputError(f"suite field {path!r} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"suite field {path!r} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise InvalidInputError(f"suite field {path!r} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported suite field type {annotation!r} at {path}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = unknown[0]
+        raise InvalidInputError(
+            f"unknown suite field {prefix + str(key)!r}; allowed here: {', '.join(sorted(names))}"
+        )
+    values = {key: _convert(value, hints[key], prefix + key) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as error:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise InvalidInputError(f"missing suite field {prefix + missing[0]!r}" if missing else str(error)) from error
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidInputError(message)
+
+
+def validate_suite(suite: Suite) -> None:
+    """Check values and combinations that the types alone do not catch."""
+    _require(bool(suite.name.strip()) and "/" not in suite.name,
+             f"suite field 'name' must be a non-empty name without '/', got {suite.name!r}")
+    _require(1 <= suite.max_new_tokens <= 1024,
+             f"suite field 'max_new_tokens' must be between 1 and 1024, got {suite.max_new_tokens}")
+
+    target = suite.target
+    _require(target.type in TARGET_TYPES,
+             f"unknown target type {target.type!r}; choose one of: {', '.join(TARGET_TYPES)}")
+    _require(len(target.words) > 0, "suite field 'target.words' must list at least one word")
+    _require(0.0 <= target.epsilon < 1.0 and not math.isnan(target.epsilon),
+             f"suite field 'target.epsilon' must lie in [0, 1), got {target.epsilon}")
+
+    train = suite.train
+    _require(len(train.methods) > 0, "suite field 'train.methods' must list at least one method")
+    _require(len(set(train.methods)) == len(train.methods),
+             f"suite field 'train.methods' lists a method twice: {list(train.methods)}")
+    for method in train.methods:
+        divergence = get_divergence(method, train.alpha)
+        if divergence.needs_full_support and target.epsilon == 0.0:
+            raise InvalidInputError(
+                f"method {method!r} minimizes {divergence.name}, which is infinite for a hard constraint "
+                "(target.epsilon = 0): set target.epsilon to a small positive value such as 0.001"
+            )
+    _require(train.steps >= 1, f"suite field 'train.steps' must be at least 1, got {train.steps}")
+    _require(train.batch_size >= 2, f"suite field 'train.batch_size' must be at least 2, got {train.batch_size}")
+    _require(train.learning_rate > 0, f"suite field 'train.learning_rate' must be positive, got {train.learning_rate}")
+    _require(train.optimizer in OPTIMIZERS,
+             f"unknown optimizer {train.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    _require(train.baseline in BASELINES,
+             f"unknown baseline {train.baseline!r}; choose one of: {', '.join(BASELINES)}")
+    _require(train.max_grad_norm > 0, f"suite field 'train.max_grad_norm' must be positive, got {train.max_grad_norm}")
+    _require(train.checkpoint_every >= 1,
+             f"suite field 'train.checkpoint_every' must be at least 1, got {train.checkpoint_every}")
+    _require(train.log_partition_samples >= 1,
+             f"suite field 'train.log_partition_samples' must be at least 1, got {train.log_partition_samples}")
+
+    audit = suite.audit
+    _require(audit.samples >= 2, f"suite field 'audit.samples' must be at least 2, got {audit.samples}")
+    _require(audit.base_samples >= 2, f"suite field 'audit.base_samples' must be at least 2, got {audit.base_samples}")
+    _require(audit.batch_size >= 1, f"suite field 'audit.batch_size' must be at least 1, got {audit.batch_size}")
+    _require(audit.self_bleu_samples >= 2,
+             f"suite field 'audit.self_bleu_samples' must be at least 2, got {audit.self_bleu_samples}")
+    _require(audit.bootstrap_resamples >= 10,
+             f"suite field 'audit.bootstrap_resamples' must be at least 10, got {audit.bootstrap_resamples}")
+
+
+def suite_from_dict(data: Any) -> Suite:
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"a suite must be a YAML mapping at the top level, got {type(data).__name__}")
+    suite = _build(Suite, data)
+    validate_suite(suite)
+    return suite
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Load and validate a suite file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"suite file {str(path)!r} not found; pass the path of a YAML suite such as suites/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        location = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise InvalidInputError(f"suite file {str(path)!r} is not valid YAML{location}: fix the syntax there") from error
+    return suite_from_dict(data)
+
+
+def known_methods() -> list[str]:
+    return sorted([*PRESETS, *DIVERGENCES, "alpha"])

@@ -1,0 +1,61 @@
+"""The f-DPG loss as pure functions of per-sample tensors.
+
+Natural logs. Shapes: B = batch size; every tensor here is [B] unless stated.
+
+The f-DPG gradient of D_f(π_θ‖p) is E_{x∼π_θ}[f′(π_θ(x)/p(x))·∇_θ log π_θ(x)].
+With the pseudo-reward R(x) = −f′(π_θ/p), held constant (detached), and a
+baseline b, the surrogate loss −mean((R − b)·log π_θ(x)) has exactly that
+gradient in expectation; the baseline only lowers its variance because
+E_π[∇ log π] = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fdiv_eval.divergences import FDivergence
+
+
+def log_ratio_to_target(log_policy: torch.Tensor, log_unnormalized_target: torch.Tensor, log_partition: float) -> torch.Tensor:
+    """Return log t = log π − log p = log π − log P + log Z (detached, float64).
+
+    +∞ where P = 0: the target gives the sample no mass.
+    """
+    return log_policy.detach().double() - log_unnormalized_target.double() + log_partition
+
+
+def pseudo_rewards(divergence: FDivergence, log_ratio: torch.Tensor) -> torch.Tensor:
+    """Return R = −f′(t) from log t; finite wherever f′ has a finite limit."""
+    return divergence.pseudo_reward(log_ratio)
+
+
+def subtract_baseline(rewards: torch.Tensor, kind: str) -> torch.Tensor:
+    """Return R − b for the batch-mean, leave-one-out or no baseline.
+
+    The leave-one-out baseline of sample i is the mean of the other B − 1
+    rewards, which keeps each sample's advantage independent of its own reward.
+    """
+    if kind == "none":
+        return rewards
+    if kind == "mean":
+        return rewards - rewards.mean()
+    if kind == "leave_one_out":
+        count = rewards.numel()
+        return rewards - (rewards.sum() - rewards) / (count - 1)
+    raise ValueError(f"unknown baseline {kind!r}; choose mean, leave_one_out or none")
+
+
+def surrogate_loss(advantages: torch.Tensor, log_policy: torch.Tensor) -> torch.Tensor:
+    """Return −mean(A·log π_θ); its gradient is the f-DPG gradient estimate."""
+    return -(advantages.detach().to(log_policy.dtype) * log_policy).mean()
+
+
+def update_log_partition(log_sum: float, count: int, log_weights: torch.Tensor) -> tuple[float, int]:
+    """Fold a batch of importance log-weights log P − log q into a running log-sum.
+
+    Returns the new (log Σw, count); log Ẑ = log Σw − log count. Every batch is
+    an unbiased estimate of Z whatever proposal q it came from, so pooling all
+    of them stays unbiased while the policy moves.
+    """
+    batch_log_sum = float(torch.logsumexp(log_weights.double(), dim=0))
+    return float(torch.logaddexp(torch.tensor(log_sum, dtype=torch.float64), torch.tensor(batch_log_sum, dtype=torch.float64))), count + log_weights.numel()
