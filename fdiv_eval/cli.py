@@ -237,6 +237,10 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    console = Console()
+    # Logs and CI pipes get a wide table instead of rich's 80-column default.
+    console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
     try:
         return args.handler(args, console)
     except InvalidInputError as error:

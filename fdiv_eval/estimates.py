@@ -163,6 +163,11 @@ def effective_sample_size(log_weights: np.ndarray) -> float:
     return float(math.exp(2.0 * first - log_sum_exp(2.0 * log_weights)))
 
 
+def _log_sum_exp_array(values: np.ndarray) -> float:
+    peak = values.max()
+    return float(peak + np.log(np.exp(values - peak).sum()))
+
+
 def _generalized_pareto_fit(exceedances: np.ndarray) -> float:
     """Return the shape k of a generalized Pareto fit to positive exceedances.
 
@@ -179,7 +184,8 @@ def _generalized_pareto_fit(exceedances: np.ndarray) -> float:
     theta = 1.0 / x[-1] + grid / (prior * quartile)
     k = np.log1p(-theta[:, None] * x[None, :]).mean(axis=1)
     log_likelihood = n * (np.log(-theta / k) - k - 1.0)
-    weights = 1.0 / np.exp(log_likelihood - log_likelihood[:, None]).sum(axis=1)
+    # Posterior weights exp(ℓ_i)/Σ_j exp(ℓ_j), computed in log space.
+    weights = np.exp(log_likelihood - _log_sum_exp_array(log_likelihood))
     theta_hat = float((theta * weights).sum())
     k_hat = float(np.log1p(-theta_hat * x).mean())
     # Weakly informative prior: shrink toward 0.5 with weight 10 pseudo-samples.

@@ -106,22 +106,26 @@ def model_estimates(entry: dict) -> dict[str, Estimate]:
 
 
 def format_number(value: float) -> str:
+    """Format with 3 significant digits; ∞ and nan spelled out."""
     if math.isnan(value):
         return "nan"
     if math.isinf(value):
         return "∞" if value > 0 else "-∞"
+    if value == 0:
+        return "0"
     magnitude = abs(value)
-    if magnitude != 0 and (magnitude >= 1e4 or magnitude < 1e-3):
+    if magnitude >= 1e4 or magnitude < 1e-3:
         return f"{value:.2e}"
-    return f"{value:.3f}" if magnitude < 10 else f"{value:.1f}"
+    return f"{value:.3g}"
 
 
-def format_estimate(estimate: Estimate, with_interval: bool = True) -> str:
+def format_estimate(estimate: Estimate, with_interval: bool = True, separator: str = " ") -> str:
+    """Render ``value [low, high]``, with ``(!)`` after an unreliable estimate."""
     text = format_number(estimate.value)
-    if with_interval and math.isfinite(estimate.value):
-        text += f" [{format_number(estimate.ci_low)}, {format_number(estimate.ci_high)}]"
     if not estimate.reliable:
         text += " (!)"
+    if with_interval and math.isfinite(estimate.value):
+        text += f"{separator}[{format_number(estimate.ci_low)}, {format_number(estimate.ci_high)}]"
     return text
 
 
@@ -194,6 +198,6 @@ def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> Non
         estimates = model_estimates(entry)
         row = [entry["name"]]
         for name in metric_names:
-            row.append(format_estimate(estimates[name]) if name in estimates else "")
+            row.append(format_estimate(estimates[name], separator="\n") if name in estimates else "")
         table.add_row(*row)
     console.print(table)

@@ -68,7 +68,7 @@ class TrainConfig:
     """Optimizer steps per method."""
     batch_size: int = 128
     """Policy samples per step."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-4
     optimizer: str = "adamw"
     """``adamw``, ``sgd`` or ``rmsprop``."""
     weight_decay: float = 0.0

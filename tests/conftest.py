@@ -59,6 +59,25 @@ def sequences_to_batch(sequences: list[list[int]], pad: int = TOY_EOS):
     return SampleBatch(torch.tensor([TOY_EOS]), ids, lengths)
 
 
+def save_toy_checkpoint(folder, seed: int = 0, scale: float = 2.0):
+    """Save the toy model with a word-level tokenizer ("<eos>", "a", "b", "c") to ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2, "c": 3}, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<eos>", eos_token="<eos>",
+                                      pad_token="<eos>")
+    make_toy_model(seed=seed, scale=scale).save_pretrained(folder)
+    wrapped.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def toy_checkpoint(tmp_path):
+    return save_toy_checkpoint(tmp_path / "toy-base")
+
+
 @pytest.fixture
 def toy_model():
     return make_toy_model(scale=3.0)

@@ -73,7 +73,7 @@ class FDPGConfig:
     steps: int = 80
     batch_size: int = 128
     max_new_tokens: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-4
     optimizer: str = "adamw"
     """``adamw``, ``sgd`` or ``rmsprop``."""
     weight_decay: float = 0.0
