@@ -18,13 +18,13 @@ import torch
 
 from fdiv_eval.divergences import DIVERGENCES
 from fdiv_eval.diversity import distinct_n, self_bleu
-from fdiv_eval.errors import EstimationError
 from fdiv_eval.estimates import Estimate, mean_estimate
 from fdiv_eval.estimators import (
     constraint_satisfaction,
     forward_kl_from_base,
     log_partition,
     policy_divergence,
+    require_accepted_samples,
     require_finite_log_partition,
     reverse_kl_on_support,
 )
@@ -92,11 +92,7 @@ def draw_base_sample(
     log_potential = target.log_potential(texts)
     estimate = log_partition(log_potential)
     hint = ("raise audit.base_samples, or choose target words that the base model produces more often")
-    if not np.any(log_potential == 0.0):
-        raise EstimationError(
-            f"log Z cannot be estimated: none of the {config.base_samples} base-model samples contains any of "
-            f"the target words {list(target.feature.words)}; {hint}"
-        )
+    require_accepted_samples(target.constraint(texts), target.feature.words, hint)
     require_finite_log_partition(estimate, hint)
     return BaseSample(batch, texts, log_base, log_potential, estimate)
 

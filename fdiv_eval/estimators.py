@@ -106,6 +106,20 @@ def require_finite_log_partition(estimate: Estimate, hint: str) -> None:
         )
 
 
+def require_accepted_samples(satisfied: np.ndarray, words, hint: str) -> None:
+    """Raise EstimationError when no base sample satisfies the constraint.
+
+    With ε > 0, Ẑ would still be finite (ε), but every estimate that depends
+    on the target would rest on no sample from its support.
+    """
+    satisfied = np.asarray(satisfied, dtype=bool)
+    if not satisfied.any():
+        raise EstimationError(
+            f"log Z cannot be estimated: none of the {satisfied.size} base-model samples contains any of "
+            f"the target words {list(words)}; {hint}"
+        )
+
+
 def _log_z_standard_error(log_z: Estimate) -> float:
     se = log_z.standard_error
     if math.isnan(se):

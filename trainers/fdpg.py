@@ -34,7 +34,12 @@ import torch
 
 from fdiv_eval.divergences import get_divergence
 from fdiv_eval.errors import InvalidInputError
-from fdiv_eval.estimators import log_partition, policy_divergence, require_finite_log_partition
+from fdiv_eval.estimators import (
+    log_partition,
+    policy_divergence,
+    require_accepted_samples,
+    require_finite_log_partition,
+)
 from fdiv_eval.estimates import Estimate, log_sum_exp
 from fdiv_eval.sequences import (
     SampleBatch,
@@ -171,10 +176,9 @@ def _initial_log_partition(base, tokenizer, target, prompt, config: FDPGConfig) 
     )
     texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
     log_potentials = target.log_potential(texts)
-    estimate = log_partition(log_potentials)
-    require_finite_log_partition(
-        estimate, "raise train.log_partition_samples, or choose target words that the base model produces more often"
-    )
+    hint = "raise train.log_partition_samples, or choose target words that the base model produces more often"
+    require_accepted_samples(target.constraint(texts), target.feature.words, hint)
+    require_finite_log_partition(log_partition(log_potentials), hint)
     return log_sum_exp(log_potentials), log_potentials.size
 
 
