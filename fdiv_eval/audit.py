@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from fdiv_eval.divergences import DIVERGENCES
+from fdiv_eval.divergences import DIVERGENCES, alpha_divergence
 from fdiv_eval.diversity import distinct_n, self_bleu
 from fdiv_eval.estimates import Estimate, mean_estimate
 from fdiv_eval.estimators import (
@@ -64,6 +64,8 @@ class ModelAudit:
     samples: dict[str, list]
     """Column name → values, one entry per policy sample (see ``save_samples``)."""
     log_prob_on_base_sample: np.ndarray
+    batch: SampleBatch
+    """The policy sample itself, kept for the pairwise divergences."""
     info: dict = field(default_factory=dict)
 
 
@@ -133,6 +135,8 @@ def audit_model(
     metrics: dict[str, Estimate] = {}
     for divergence_name, divergence in DIVERGENCES.items():
         metrics[divergence_name] = policy_divergence(divergence, log_ratios, log_z)
+    for alpha in config.alphas:
+        metrics[alpha_metric_name(alpha)] = policy_divergence(alpha_divergence(alpha), log_ratios, log_z)
     metrics["reverse_kl_on_support"] = reverse_kl_on_support(log_ratios, log_z)
     metrics["forward_kl_from_base"] = forward_kl_from_base(
         base_sample.log_potential, base_sample.log_base - log_prob_on_base
@@ -163,7 +167,18 @@ def audit_model(
     }
     violations = int(np.count_nonzero(~np.isfinite(log_ratios)))
     info = {"violations": violations, "violation_rate": violations / len(texts)}
-    return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, info)
+    return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, batch, info)
+
+
+def alpha_metric_name(alpha: float) -> str:
+    return f"alpha_{alpha:g}"
+
+
+def attach_exact_values(audit: ModelAudit, exact: dict[str, float]) -> None:
+    """Store each metric's exact value in its Estimate (metrics without one are left as they are)."""
+    for name, estimate in audit.metrics.items():
+        if name in exact:
+            audit.metrics[name] = replace(estimate, exact=exact[name])
 
 
 def save_samples(columns: dict[str, list], path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -98,14 +99,28 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     target = _target_from_suite(suite)
     tokenizer = load_tokenizer(suite.base_model)
     base = load_model(suite.base_model)
-    audits = []
+    if suite.audit.exact:
+        from fdiv_eval.exact import count_sequences
+
+        # Fail before any sampling when the space is too large to enumerate.
+        count = count_sequences(len(tokenizer), suite.max_new_tokens)
+        if count > suite.audit.exact_limit:
+            raise InvalidInputError(
+                f"exact mode would enumerate {count:,} sequences (vocabulary {len(tokenizer)}, max_new_tokens "
+                f"{suite.max_new_tokens}), over the limit of {suite.audit.exact_limit:,}: lower max_new_tokens "
+                "or raise audit.exact_limit (--exact-limit)"
+            )
+    audits, loaded = [], {}
     with progress_factory(console, show_progress) as start:
         base_sample = draw_base_sample(base, tokenizer, target, suite.audit, suite.max_new_tokens, progress=start)
         for index, (name, model_path, method) in enumerate(models):
             policy = base if model_path == suite.base_model else load_model(model_path)
+            loaded[name] = policy
             audit = audit_model(name, model_path, policy, base, tokenizer, target, base_sample, suite.audit,
                                 suite.max_new_tokens, seed_for_model(suite.audit.seed, index), progress=start)
             audits.append((audit, method))
+        pairwise = _pairwise(suite, audits, loaded, start)
+        exact_log_partition = _exact_values(suite, audits, models, base, tokenizer, target, start)
 
     entries = []
     for audit, method in audits:
@@ -115,15 +130,58 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
                         "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
     save_samples(base_sample_columns(base_sample, [a for a, _ in audits]), report_path / "samples" / "_base_sample.parquet")
 
-    settings = {"max_new_tokens": suite.max_new_tokens, "audit": vars(suite.audit).copy(),
+    settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
                 "base_model": suite.base_model}
-    report = build_report(suite.name, suite.content_hash(), target.describe(), base_sample.log_partition,
-                          entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1))
+    log_partition = base_sample.log_partition
+    if exact_log_partition is not None:
+        log_partition = dataclasses.replace(log_partition, exact=exact_log_partition)
+    report = build_report(suite.name, suite.content_hash(), target.describe(), log_partition,
+                          entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1),
+                          pairwise=pairwise)
     write_json(report, report_path / "report.json")
     write_atomic(report_path / "report.md", render_markdown(report))
     print_table(report, console)
     console.print(f"wrote {report_path / 'report.json'} and {report_path / 'report.md'}")
     return report
+
+
+def _pairwise(suite, audits, loaded: dict, start) -> dict | None:
+    """KL and JS between every pair of audited models, or None with fewer than two models."""
+    from fdiv_eval.pairwise import cross_log_probs, pairwise_matrices
+
+    if not suite.audit.pairwise or len(audits) < 2:
+        return None
+    batches = {audit.name: audit.batch for audit, _ in audits}
+    total = sum(len(batch) for batch in batches.values()) * len(loaded)
+    advance = start("pairwise divergences between models", total)
+    scores = cross_log_probs(loaded, batches, suite.audit.batch_size, progress=advance)
+    return pairwise_matrices(scores, list(batches))
+
+
+def _exact_values(suite, audits, models, base, tokenizer, target, start) -> float | None:
+    """Enumerate the sequence space in float64 and attach exact values; return the exact log Z."""
+    import copy
+
+    import torch
+
+    from fdiv_eval.audit import attach_exact_values
+    from fdiv_eval.exact import exact_metrics
+    from fdiv_eval.sequences import default_prompt, load_model
+
+    if not suite.audit.exact:
+        return None
+    advance = start("exact values by enumeration", len(audits))
+    base64 = copy.deepcopy(base).to(torch.float64)
+    log_z = None
+    for (audit, _), (_, model_path, _) in zip(audits, models):
+        policy64 = base64 if model_path == suite.base_model else load_model(model_path, dtype=torch.float64)
+        exact = exact_metrics(policy64, base64, tokenizer, target, suite.max_new_tokens, default_prompt(tokenizer),
+                              batch_size=suite.audit.batch_size, limit=suite.audit.exact_limit,
+                              alphas=suite.audit.alphas)
+        attach_exact_values(audit, exact)
+        log_z = exact["log_partition"]
+        advance(1)
+    return log_z
 
 
 def _command_run(args, console) -> int:
@@ -148,13 +206,10 @@ def _command_train(args, console) -> int:
         get_divergence(args.divergence, args.alpha)
     methods = args.method or ([args.divergence] if args.divergence else list(suite.train.methods))
     if args.alpha is not None:
-        import dataclasses
-
         suite = dataclasses.replace(suite, train=dataclasses.replace(suite.train, alpha=args.alpha))
     for method in methods:
         get_divergence(method, suite.train.alpha)
     from fdiv_eval.suite import validate_suite
-    import dataclasses
 
     validate_suite(dataclasses.replace(suite, train=dataclasses.replace(suite.train, methods=tuple(methods))))
     runs_path = Path(args.output) if args.output else suite.runs_path
@@ -180,10 +235,18 @@ def _command_audit(args, console) -> int:
 
     started = time.perf_counter()
     suite = load_suite(args.suite)
+    overrides = {}
     if args.samples is not None:
-        import dataclasses
+        overrides["samples"] = args.samples
+    if args.exact:
+        overrides["exact"] = True
+    if args.exact_limit is not None:
+        overrides["exact_limit"] = args.exact_limit
+    if overrides:
+        from fdiv_eval.suite import validate_suite
 
-        suite = dataclasses.replace(suite, audit=dataclasses.replace(suite.audit, samples=args.samples))
+        suite = dataclasses.replace(suite, audit=dataclasses.replace(suite.audit, **overrides))
+        validate_suite(suite)
     models: list[tuple[str, str, str | None]] = []
     if not args.no_base:
         models.append(("base", suite.base_model, None))
@@ -276,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-base", action="store_true", help="do not audit the base model itself")
     audit.add_argument("--samples", type=int, help="policy samples per model (default: the suite's audit.samples)")
     audit.add_argument("--output", help="report folder (default: the suite's report_dir)")
+    audit.add_argument("--exact", action="store_true",
+                       help="also compute every metric exactly by enumerating all sequences (small vocabularies "
+                            "and horizons only)")
+    audit.add_argument("--exact-limit", type=int,
+                       help="largest number of sequences --exact may enumerate (default: audit.exact_limit, 1000000)")
     audit.set_defaults(handler=_command_audit)
 
     compare = commands.add_parser("compare", help="print the comparison table of one or more report.json files")

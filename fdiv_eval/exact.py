@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from fdiv_eval.divergences import DIVERGENCES
+from fdiv_eval.divergences import DIVERGENCES, alpha_divergence
 from fdiv_eval.errors import InvalidInputError
 from fdiv_eval.sequences import SampleBatch, score_pair
 
@@ -63,7 +63,7 @@ def _all_words(words: np.ndarray, length: int) -> np.ndarray:
 
 
 def exact_metrics(policy, base, tokenizer, target, horizon: int, prompt_ids: torch.Tensor,
-                  batch_size: int = 4096, limit: int = DEFAULT_LIMIT) -> dict[str, float]:
+                  batch_size: int = 4096, limit: int = DEFAULT_LIMIT, alphas=()) -> dict[str, float]:
     """Compute log Z, every divergence to the target and the model-only metrics exactly.
 
     Returns metric name → exact value, with the same names the audit uses,
@@ -76,12 +76,12 @@ def exact_metrics(policy, base, tokenizer, target, horizon: int, prompt_ids: tor
     return exact_metrics_from_scores(
         policy_scores.log_prob.numpy(), base_scores.log_prob.numpy(), target.log_potential(texts),
         target.constraint(texts), token_kl.numpy(), policy_scores.token_entropy_sum.numpy(),
-        batch.lengths.numpy().astype(np.float64),
+        batch.lengths.numpy().astype(np.float64), alphas,
     )
 
 
 def exact_metrics_from_scores(log_policy, log_base, log_potential, satisfied, token_kl, entropy_sum,
-                              lengths) -> dict[str, float]:
+                              lengths, alphas=()) -> dict[str, float]:
     """Exact metrics from per-sequence arrays over the whole sequence space."""
     log_unnormalized = log_base + log_potential
     log_z = _log_sum_exp(log_unnormalized)
@@ -94,6 +94,8 @@ def exact_metrics_from_scores(log_policy, log_base, log_potential, satisfied, to
     for name, divergence in DIVERGENCES.items():
         terms = divergence.policy_term(s).numpy()
         values[name] = _weighted_sum(policy, terms)
+    for alpha in alphas:
+        values[f"alpha_{alpha:g}"] = _weighted_sum(policy, alpha_divergence(alpha).policy_term(s).numpy())
     inside = np.isfinite(log_target)
     mass_inside = policy[inside].sum()
     restricted = log_policy[inside] - math.log(mass_inside)

@@ -53,5 +53,15 @@ SUMMARY_METRICS = (
 """Metrics shown in the terminal table; reports list all of them."""
 
 
+def metric_info(name: str) -> MetricInfo:
+    """Metadata of a metric, including the ``alpha_<α>`` family; unknown names get a neutral entry."""
+    if name in METRICS:
+        return METRICS[name]
+    if name.startswith("alpha_"):
+        alpha = name.split("_", 1)[1]
+        return MetricInfo(f"D_α={alpha}", "lower", "", f"Amari alpha-divergence with alpha = {alpha}")
+    return MetricInfo(name, "none", "", name)
+
+
 def arrow(direction: str) -> str:
     return {"lower": "↓", "higher": "↑"}.get(direction, "")

@@ -16,7 +16,7 @@ from typing import Any
 from fdiv_eval import __version__
 from fdiv_eval.estimates import Estimate, encode_float
 from fdiv_eval.errors import InvalidInputError
-from fdiv_eval.metrics import METRICS, SUMMARY_METRICS, arrow
+from fdiv_eval.metrics import METRICS, SUMMARY_METRICS, arrow, metric_info
 
 SCHEMA_VERSION = 1
 
@@ -35,6 +35,7 @@ def build_report(
     models: list[dict],
     settings: dict,
     elapsed_seconds: float | None = None,
+    pairwise: dict | None = None,
 ) -> dict[str, Any]:
     """Assemble the report document.
 
@@ -67,6 +68,7 @@ def build_report(
             }
             for entry in models
         ],
+        "pairwise": pairwise,
         "elapsed_seconds": elapsed_seconds,
     }
 
@@ -126,15 +128,35 @@ def format_estimate(estimate: Estimate, with_interval: bool = True, separator: s
         text += " (!)"
     if with_interval and math.isfinite(estimate.value):
         text += f"{separator}[{format_number(estimate.ci_low)}, {format_number(estimate.ci_high)}]"
+    if estimate.exact is not None:
+        text += f"{separator}exact {format_number(estimate.exact)}"
     return text
 
 
 def metric_header(name: str) -> str:
-    info = METRICS.get(name)
-    if info is None:
-        return name
+    info = metric_info(name)
     mark = arrow(info.direction)
     return f"{info.label} {mark}".strip()
+
+
+def _metric_names(estimates: list[dict[str, Estimate]]) -> list[str]:
+    """Known metrics in their documented order, then any others the models report."""
+    present = set().union(*estimates) if estimates else set()
+    names = [name for name in METRICS if name in present]
+    names += sorted(present - set(names))
+    return names
+
+
+def _pairwise_markdown(pairwise: dict) -> list[str]:
+    names = pairwise["models"]
+    lines = ["## Divergences between models", "", pairwise["description"] + ".", ""]
+    for key, title in (("kl", "KL(row‖column)"), ("js", "JS")):
+        lines += [f"| {title} | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for row_name, row in zip(names, pairwise[key]):
+            cells = [format_estimate(Estimate.from_dict(cell)) for cell in row]
+            lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -158,12 +180,12 @@ def render_markdown(report: dict) -> str:
     header = "| metric | " + " | ".join(entry["name"] for entry in models) + " |"
     lines += [header, "|" + "---|" * (len(models) + 1)]
     estimates = [model_estimates(entry) for entry in models]
-    for name in METRICS:
-        if not any(name in e for e in estimates):
-            continue
+    for name in _metric_names(estimates):
         cells = [format_estimate(e[name]) if name in e else "" for e in estimates]
         lines.append(f"| {metric_header(name)} | " + " | ".join(cells) + " |")
     lines.append("")
+    if report.get("pairwise"):
+        lines += _pairwise_markdown(report["pairwise"])
     lines.append("## Notes")
     lines.append("")
     for entry, estimate_map in zip(models, estimates):
@@ -200,4 +222,19 @@ def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> Non
         for name in metric_names:
             row.append(format_estimate(estimates[name], separator="\n") if name in estimates else "")
         table.add_row(*row)
+    console.print(table)
+    if report.get("pairwise"):
+        _print_pairwise(report["pairwise"], console)
+
+
+def _print_pairwise(pairwise: dict, console) -> None:
+    from rich.table import Table
+
+    names = pairwise["models"]
+    table = Table(title="Jensen–Shannon divergence between models (nats)")
+    table.add_column("")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row_name, row in zip(names, pairwise["js"]):
+        table.add_row(row_name, *[format_estimate(Estimate.from_dict(cell), separator="\n") for cell in row])
     console.print(table)

@@ -98,6 +98,14 @@ class AuditConfig:
     bootstrap_resamples: int = 200
     """Resamples for the standard errors of distinct-n."""
     seed: int = 1234
+    alphas: tuple[float, ...] = ()
+    """α values of extra Amari α-divergence metrics (reported as ``alpha_<α>``)."""
+    pairwise: bool = True
+    """Estimate KL and JS between every pair of audited models on their own samples."""
+    exact: bool = False
+    """Also compute every metric exactly by enumerating all sequences (small vocabularies only)."""
+    exact_limit: int = 1_000_000
+    """Largest number of sequences exact mode may enumerate."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,9 @@ def validate_suite(suite: Suite) -> None:
     _require(audit.batch_size >= 1, f"suite field 'audit.batch_size' must be at least 1, got {audit.batch_size}")
     _require(audit.self_bleu_samples >= 2,
              f"suite field 'audit.self_bleu_samples' must be at least 2, got {audit.self_bleu_samples}")
+    _require(audit.exact_limit >= 1, f"suite field 'audit.exact_limit' must be at least 1, got {audit.exact_limit}")
+    for alpha in audit.alphas:
+        get_divergence("alpha", alpha)
     _require(audit.bootstrap_resamples >= 10,
              f"suite field 'audit.bootstrap_resamples' must be at least 10, got {audit.bootstrap_resamples}")
 
