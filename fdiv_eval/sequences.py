@@ -87,7 +87,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
 
     resolved = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=False)
     except OSError as error:
         raise InvalidInputError(f"could not load model {name_or_path!r}: {error}") from error
     model.eval()
@@ -99,7 +99,7 @@ def load_tokenizer(name_or_path: str):
 
     resolved = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"could not load the tokenizer of {name_or_path!r}: {error}") from error
     if tokenizer.eos_token_id is None:
@@ -115,7 +115,7 @@ def default_prompt(tokenizer) -> torch.Tensor:
     return torch.tensor([token], dtype=torch.long)
 
 
-def ancestral_generation_config(max_new_tokens: int, eos_token_id: int, pad_token_id: int):
+def ancestral_generation_config(max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int):
     """A generation config for pure ancestral sampling that overrides the checkpoint's settings."""
     from transformers import GenerationConfig
 
@@ -137,9 +137,10 @@ def ancestral_generation_config(max_new_tokens: int, eos_token_id: int, pad_toke
     )
 
 
-def _lengths_from_eos(generated: torch.Tensor, eos_token_id: int, width: int) -> torch.Tensor:
-    """Length of each row up to and including its first EOS, or ``width`` when it has none."""
-    is_eos = generated == eos_token_id
+def _lengths_from_eos(generated: torch.Tensor, eos_token_id: int | list[int], width: int) -> torch.Tensor:
+    """Length of each row up to and including its first stop token, or ``width`` when it has none."""
+    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    is_eos = torch.isin(generated, stop_ids)
     has_eos = is_eos.any(dim=1)
     first_eos = is_eos.int().argmax(dim=1)
     return torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, width))
@@ -151,7 +152,7 @@ def sample(
     prompt_ids: torch.Tensor,
     n: int,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     pad_token_id: int,
     batch_size: int = 256,
     seed: int | None = None,
@@ -159,7 +160,8 @@ def sample(
 ) -> SampleBatch:
     """Draw n continuations of ``prompt_ids`` by pure ancestral sampling.
 
-    When ``seed`` is given, the draws depend only on it (and the model);
+    ``eos_token_id`` may be a list of stop tokens; a sequence ends at the
+    first of any of them. When ``seed`` is given, the draws depend only on it (and the model);
     otherwise they continue torch's global random stream.
     """
     if n < 1:
@@ -233,10 +235,20 @@ class SequenceScores:
     """Σ_t H(π(·|x<t)) along the sampled prefixes."""
 
 
+LOGIT_BUDGET = 2**27
+"""Most float32 logits (batch × length × vocabulary) held at once by a scoring pass, 512 MiB."""
+
+
+def fitting_batch_size(batch_size: int, width: int, vocabulary: int) -> int:
+    """Shrink ``batch_size`` so that one pass's full log-softmax stays within LOGIT_BUDGET."""
+    return max(1, min(batch_size, LOGIT_BUDGET // max(1, width * vocabulary)))
+
+
 @torch.no_grad()
 def score(model, batch: SampleBatch, batch_size: int = 256, progress: ProgressCallback | None = None) -> SequenceScores:
     """Score sequences with one model: log-prob and summed per-token entropy."""
     log_prob_parts, entropy_parts = [], []
+    batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], model.config.vocab_size)
     for part in batch.batches(batch_size):
         log_probs, mask = token_log_probs(model, part)
         chosen = log_probs.gather(-1, part.sequences.unsqueeze(-1)).squeeze(-1)
@@ -257,8 +269,14 @@ def score_pair(
     Also returns Σ_t KL(π(·|x<t) ‖ π0(·|x<t)) per sequence [B], the exact
     per-token KLs summed along the sampled prefixes. Its mean over x ∼ π is
     an unbiased, lower-variance estimate of the sequence-level KL(π‖π0).
+    When ``policy`` is ``base`` (the same object), one forward pass serves
+    both and the KLs are exactly 0.
     """
+    if policy is base:
+        scores = score(policy, batch, batch_size, progress)
+        return scores, scores, torch.zeros_like(scores.log_prob)
     policy_parts, base_parts, kl_parts = [], [], []
+    batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], policy.config.vocab_size)
     for part in batch.batches(batch_size):
         policy_log_probs, mask = token_log_probs(policy, part)
         base_log_probs, _ = token_log_probs(base, part)

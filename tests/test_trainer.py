@@ -187,3 +187,20 @@ def test_training_lowers_its_own_divergence(tmp_path, toy_checkpoint, method):
     after = _exact(str(result.final_checkpoint), toy_checkpoint, target)
     assert after[divergence] < 0.5 * before[divergence], (before[divergence], after[divergence])
     assert after["constraint_satisfaction"] > before["constraint_satisfaction"] + 0.2
+
+
+def test_partial_checkpoints_are_skipped_with_warning(tmp_path, caplog):
+    target = PointwiseTarget(WordListFeature(("she", "he", "her")), epsilon=0.001)
+    config = _small_config(steps=2, checkpoint_every=1)
+    train_policy("embedded:austen", target, config, tmp_path)
+    # What a crash mid-write leaves: a staging folder, and a folder without its state file.
+    (tmp_path / ".step-000003-abcd").mkdir()
+    (tmp_path / "step-000004").mkdir()
+    longer = _small_config(steps=3, checkpoint_every=1)
+    with caplog.at_level("WARNING", logger="trainers.fdpg"):
+        result = train_policy("embedded:austen", target, longer, tmp_path)
+    assert result.resumed_from_step == 2
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert ".step-000003-abcd" in messages
+    assert "step-000004: it has no trainer_state.json" in messages
+    assert not (tmp_path / ".step-000003-abcd").exists()

@@ -130,8 +130,19 @@ def _validate(config: FDPGConfig, target: PointwiseTarget) -> None:
         raise InvalidInputError("the leave_one_out baseline needs batch_size of at least 2")
 
 
+def _remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete staging folders that a crash left behind mid-write, with a warning naming each."""
+    for partial in sorted(output_dir.glob(".step-*")) + sorted(output_dir.glob(f".{FINAL_DIR}-*")):
+        logger.warning("skipping and removing partial checkpoint %s left by an interrupted write", partial.name)
+        shutil.rmtree(partial, ignore_errors=True)
+    for folder in [*output_dir.glob("step-*"), output_dir / FINAL_DIR]:
+        if folder.is_dir() and not (folder / STATE_FILE).is_file():
+            logger.warning("skipping checkpoint %s: it has no %s", folder.name, STATE_FILE)
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
     """Return the complete checkpoint (``step-*`` or ``final``) with the highest step."""
+    _remove_partial_checkpoints(output_dir)
     candidates = [p for p in [*output_dir.glob("step-*"), output_dir / FINAL_DIR] if (p / STATE_FILE).is_file()]
     if not candidates:
         return None
@@ -199,7 +210,6 @@ def train_policy(
     _validate(config, target)
     divergence = get_divergence(config.method, config.alpha)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / LOG_FILE
     started = time.perf_counter()
 
@@ -219,7 +229,8 @@ def train_policy(
             )
         policy = load_model(str(resume_from))
         optimizer = _make_optimizer(config, policy.parameters())
-        tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=False)
+        # weights_only: the file holds tensors and plain containers, so nothing is unpickled as code.
+        tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=True)
         optimizer.load_state_dict(tensors["optimizer"])
         torch.random.set_rng_state(tensors["torch_rng"])
         start_step = int(state["step"])
@@ -234,6 +245,8 @@ def train_policy(
         log_z_sum, log_z_count = _initial_log_partition(base, tokenizer, target, prompt, config)
         if log_path.exists():
             log_path.unlink()
+    # Created only now, so that invalid input leaves no empty run folder behind.
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     # Dropout stays off while training, so the sampled distribution is the
     # one whose log-probs the loss differentiates.
