@@ -85,9 +85,19 @@ def main(argv=None) -> int:
         rows = []
         for trial in range(1, args.trials + 1):
             run = folder / f"trial-{trial}"
-            delay = rng.uniform(0.1, duration)
+            # A random moment during the run: after a random number of logged
+            # steps (0 means still loading or estimating log Z), plus a random delay.
+            after_steps = rng.randint(0, 15)
+            extra = rng.uniform(0.0, 0.5)
             process = _train(suite, run)
-            time.sleep(delay)
+            log = run / "js" / "train_log.jsonl"
+            while process.poll() is None:
+                logged = len(log.read_text().splitlines()) if log.exists() else 0
+                if logged >= after_steps:
+                    break
+                time.sleep(0.02)
+            time.sleep(extra)
+            delay = after_steps + extra
             killed = process.poll() is None
             if killed:
                 process.send_signal(signal.SIGKILL)
@@ -110,16 +120,17 @@ def main(argv=None) -> int:
         "",
         "Training: the embedded Austen model, JS preset, 16 steps of 32 samples, a checkpoint every 2 steps, "
         f"one thread. The uninterrupted run took {duration:.1f} s (process start included). Each trial kills "
-        "`fdiv train` with SIGKILL after a random delay, then reruns the same command.",
+        "`fdiv train` with SIGKILL once a random number of steps (0–15) is logged plus a random 0–0.5 s, then "
+        "reruns the same command.",
         "",
         f"**{passed} of {len(rows)} trials** ended with final weights bitwise equal to the uninterrupted run "
         "and a training log with steps 1–16 exactly once.",
         "",
-        "| trial | kill after (s) | killed while running | newest checkpoint at kill | rerun exit | same weights | log steps 1–16 once |",
+        "| trial | killed after step + seconds | killed while running | newest checkpoint at kill | rerun exit | same weights | log steps 1–16 once |",
         "|---|---|---|---|---|---|---|",
     ]
     for trial, delay, killed, checkpoint, code, same, steps_ok, _ in rows:
-        lines.append(f"| {trial} | {delay:.1f} | {killed} | {checkpoint} | {code} | {same} | {steps_ok} |")
+        lines.append(f"| {trial} | {delay:.2f} | {killed} | {checkpoint} | {code} | {same} | {steps_ok} |")
     lines.append("")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines), encoding="utf-8")
