@@ -73,7 +73,7 @@ def _target_from_suite(suite, suite_dir: Path | None = None, base=None, tokenize
 
 
 def _contexts_from_suite(suite, suite_dir: Path | None, tokenizer):
-    """The suite's prompts as contexts, or the single unconditional context."""
+    """Return the suite's prompts as contexts, or the single unconditional context."""
     from fdiv_eval.prompts import build_contexts, load_prompts
 
     prompts = None if suite.prompts is None else load_prompts(suite.prompts, suite_dir)
@@ -119,8 +119,13 @@ def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path
         last = result.last_metrics
         summary = ""
         if last:
-            summary = (f": constraint rate on the last batch {last['train/constraint_satisfaction']:.2f}, "
-                       f"KL to base {last['train/kl_to_base']:.2f} nats")
+            if getattr(target, "kind", "pointwise") == "pointwise":
+                summary = f": constraint rate on the last batch {last['train/constraint_satisfaction']:.2f}, "
+            else:
+                shown = [key for key in last if key.startswith(("train/moment/", "train/reward"))]
+                summary = ": on the last batch " + ", ".join(
+                    f"{key.removeprefix('train/')} {last[key]:.3f}" for key in shown) + ", "
+            summary += f"KL to base {last['train/kl_to_base']:.2f} nats"
         resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
         console.print(f"{method}: {result.steps_run} steps in {result.seconds:.1f} s{resumed}{summary}")
         checkpoints[method] = result.final_checkpoint

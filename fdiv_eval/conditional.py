@@ -2,10 +2,10 @@
 
 Natural logs, nats. For each prompt c the audit draws base samples (for
 log Ẑ_c) and policy samples from π(·|c), scores only the continuations, and
-computes each metric per prompt. The reported value is the mean over prompts;
-its standard error and 95% interval come from the cluster bootstrap of
-``fdiv_eval.prompts`` (prompts, then samples within each prompt), which
-re-estimates log Ẑ_c inside each resample. Diversity metrics are computed on
+computes each metric per prompt. The reported value is the mean over prompts.
+Its standard error and 95% interval come from the cluster bootstrap of
+``fdiv_eval.prompts`` (prompts, then samples within each prompt), and each
+resample re-estimates log Ẑ_c from its own base rows. Diversity metrics are computed on
 the pooled samples of all prompts.
 """
 
@@ -227,7 +227,7 @@ def _statistics(target, per_prompt: list[_PromptPolicySample], base_samples: lis
 
 
 def prompt_extremes(rows: list[dict], metric: str, shown: int = EXTREMES_SHOWN) -> dict:
-    """The prompts with the lowest and highest per-prompt value of ``metric``, as (prompt, value) pairs."""
+    """Return the prompts with the lowest and highest per-prompt value of ``metric``, as (prompt, value) pairs."""
     values = [(row["prompt"], float(decode_float(row[metric]))) for row in rows if metric in row]
     ordered = sorted((pair for pair in values if math.isfinite(pair[1])), key=lambda pair: pair[1])
     return {"lowest": ordered[:shown], "highest": ordered[::-1][:shown]}

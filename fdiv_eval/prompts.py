@@ -86,7 +86,7 @@ def encode_prompt(tokenizer, text: str) -> torch.Tensor:
 
 
 def build_contexts(tokenizer, prompts: list[str] | None) -> list[Context]:
-    """One context per prompt, or the single unconditional context when ``prompts`` is None."""
+    """Build one context per prompt, or the single unconditional context when ``prompts`` is None."""
     from fdiv_eval.sequences import default_prompt
 
     if prompts is None:

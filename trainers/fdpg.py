@@ -197,7 +197,7 @@ def _initial_log_partition(base, tokenizer, target, contexts: list[Context], con
 
 
 def _contexts_for_step(contexts: list[Context], config: FDPGConfig, step: int) -> list[Context]:
-    """The prompts of one step: all of them when there is one, else a seeded draw without replacement."""
+    """Return the prompts of one step: all of them when there is one, else a seeded draw without replacement."""
     if len(contexts) == 1:
         return contexts
     size = min(config.prompts_per_step, len(contexts))
