@@ -174,3 +174,49 @@ def test_rlhf_objective_is_reward_minus_scaled_drift():
     rewards = np.array([1.0, 0.0, 1.0, 0.0])
     assert metrics["reward"].value == pytest.approx(0.5)
     assert metrics["rlhf_objective"].value == pytest.approx(np.mean(rewards - 0.5 * (log_policy - log_base)))
+
+
+def _run_tiny(tiny_suite, target: dict, methods: list[str]):
+    import json
+
+    import yaml
+
+    from fdiv_eval.cli import main
+
+    data = yaml.safe_load(tiny_suite.read_text())
+    data["target"] = target
+    data["train"]["methods"] = methods
+    data["train"]["steps"] = 2
+    tiny_suite.write_text(yaml.safe_dump(data))
+    assert main(["--no-progress", "run", str(tiny_suite)]) == 0
+    return json.loads((tiny_suite.parent / "reports" / "report.json").read_text())
+
+
+def test_distributional_run_reports_moments(tiny_suite):
+    target = {"type": "distributional", "fit_samples": 256,
+              "features": [{"name": "she", "moment": 0.5, "scorer": {"type": "words", "words": ["she", "her"]}}]}
+    report = _run_tiny(tiny_suite, target, ["gdc"])
+
+    fit = report["target"]["fit"]
+    assert fit["achieved_moments"]["she"]["value"] == pytest.approx(0.5, abs=1e-6)
+    assert fit["iterations"] >= 1
+    assert report["target"]["coefficients"][0] > 0
+    for model in report["models"]:
+        assert "moment/she" in model["metrics"]
+        assert "constraint_satisfaction" not in model["metrics"]
+        # The audit's base sample is independent of the fit sample, so E_p[φ] there is only near 0.5.
+        target_moment = model["metrics"]["target_moment/she"]
+        assert abs(target_moment["value"] - 0.5) < 4 * target_moment["standard_error"] + 0.05
+
+
+def test_reward_run_reports_objective(tiny_suite):
+    report = _run_tiny(tiny_suite, {"type": "reward", "reward": {"type": "vader"}, "beta": 0.5}, ["rlhf"])
+
+    base = report["models"][0]["metrics"]
+    assert base["kl_to_base"]["value"] == 0.0
+    assert base["rlhf_objective"]["value"] == pytest.approx(base["reward"]["value"], abs=1e-12)
+    for model in report["models"]:
+        metrics = model["metrics"]
+        objective = metrics["reward"]["value"] - 0.5 * metrics["kl_to_base"]["value"]
+        assert metrics["rlhf_objective"]["value"] == pytest.approx(objective, abs=1e-9)
+        assert metrics["target_reward"]["method"] == "self-normalized-importance-sampling+delta"
