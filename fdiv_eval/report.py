@@ -219,9 +219,15 @@ def target_parameters(target: dict) -> str:
     kind = target.get("type")
     if kind == "distributional":
         coefficients = target.get("coefficients") or [None] * len(target["features"])
-        parts = [f"{f['name']}: desired moment {f['moment']:g}, lambda = {format_number(c) if c is not None else '?'}"
-                 for f, c in zip(target["features"], coefficients)]
         fit = target.get("fit") or {}
+        achieved = fit.get("achieved_moments", {})
+        parts = []
+        for feature, coefficient in zip(target["features"], coefficients):
+            part = f"{feature['name']}: desired moment {feature['moment']:g}, lambda = "
+            part += format_number(coefficient) if coefficient is not None else "?"
+            if feature["name"] in achieved:
+                part += f", achieved on the fit sample {format_estimate(Estimate.from_dict(achieved[feature['name']]))}"
+            parts.append(part)
         tail = (f" (fitted on {fit['samples']} base samples in {fit['iterations']} Newton steps, "
                 f"ESS {format_number(fit['effective_sample_size'])})") if fit else ""
         return "Features " + "; ".join(parts) + tail + "."

@@ -1,4 +1,4 @@
-"""Train the shipped scikit-learn classifier that tells which Austen novel a sentence comes from.
+"""Train the shipped scikit-learn classifier that predicts which Austen novel a sentence comes from.
 
 The pipeline is a TF-IDF vectorizer over words followed by a multinomial
 logistic regression, trained on the sentences of the committed corpus
