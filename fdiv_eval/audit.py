@@ -31,6 +31,7 @@ from fdiv_eval.estimators import (
 )
 from fdiv_eval.sequences import SampleBatch, default_prompt, sample, score, score_pair
 from fdiv_eval.suite import AuditConfig
+from fdiv_eval.target_metrics import base_sample_target_metrics, policy_target_metrics
 from fdiv_eval.targets import PointwiseTarget
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class BaseSample:
     log_base: np.ndarray
     log_potential: np.ndarray
     log_partition: Estimate
+    target_metrics: dict[str, Estimate] = field(default_factory=dict)
+    """Target-only quantities estimated on this sample, such as E_p[r] and E_p[φ_k]."""
 
 
 @dataclass
@@ -94,10 +97,12 @@ def draw_base_sample(
     texts = _decode(tokenizer, batch)
     log_potential = target.log_potential(texts)
     estimate = log_partition(log_potential)
-    hint = ("raise audit.base_samples, or choose target words that the base model produces more often")
-    require_accepted_samples(target.constraint(texts), target.feature.words, hint)
+    hint = ("raise audit.base_samples, or choose a target constraint that the base model satisfies more often")
+    if getattr(target, "has_constraint", True):
+        require_accepted_samples(target.constraint(texts), target.constraint_description, hint)
     require_finite_log_partition(estimate, hint)
-    return BaseSample(batch, texts, log_base, log_potential, estimate)
+    extra = base_sample_target_metrics(target, texts, None, log_potential)
+    return BaseSample(batch, texts, log_base, log_potential, estimate, extra)
 
 
 def audit_model(
@@ -147,7 +152,10 @@ def audit_model(
     metrics["forward_kl_from_base"] = forward_kl_from_base(
         base_sample.log_potential, base_sample.log_base - log_prob_on_base
     )
-    metrics["constraint_satisfaction"] = constraint_satisfaction(satisfied)
+    if getattr(target, "has_constraint", True):
+        metrics["constraint_satisfaction"] = constraint_satisfaction(satisfied)
+    metrics.update(policy_target_metrics(target, texts, None, log_policy, log_base))
+    metrics.update(base_sample.target_metrics)
     metrics["kl_to_base"] = mean_estimate(log_policy - log_base)
     metrics["kl_to_base_tokenwise"] = mean_estimate(token_kl.numpy())
     metrics["sequence_entropy"] = mean_estimate(-log_policy)

@@ -43,10 +43,42 @@ def progress_factory(console, enabled: bool = True) -> Iterator[Callable[[str, i
         yield start
 
 
-def _target_from_suite(suite):
-    from fdiv_eval.targets import PointwiseTarget, WordListFeature
+def _target_from_suite(suite, suite_dir: Path | None = None, base=None, tokenizer=None, console=None,
+                       show_progress: bool = False):
+    """Build the suite's target; fit λ of a distributional target on base samples.
 
-    return PointwiseTarget(WordListFeature(tuple(suite.target.words)), suite.target.epsilon)
+    Fitting needs the base model and tokenizer; they are loaded here when not given.
+    """
+    from fdiv_eval.targets import target_from_config
+
+    target = target_from_config(suite.target, suite_dir)
+    if getattr(target, "kind", "") != "distributional":
+        return target
+    from fdiv_eval.moments import fit_target
+    from fdiv_eval.sequences import load_model, load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(suite.base_model)
+    base = base or load_model(suite.base_model)
+    contexts = _contexts_from_suite(suite, suite_dir, tokenizer)
+    prompt_texts = None if suite.prompts is None else [context.text for context in contexts]
+    with progress_factory(console, show_progress and console is not None) as start:
+        target = fit_target(target, base, tokenizer, [context.prompt_ids for context in contexts],
+                            suite.target.fit_samples, suite.max_new_tokens, suite.target.fit_seed,
+                            suite.audit.batch_size, progress=start, prompt_texts=prompt_texts)
+    if console is not None:
+        fit = target.fit
+        moments = ", ".join(f"{name} λ = {value:.3f}" for name, value in fit["coefficients"].items())
+        console.print(f"fitted the distributional target: {moments} ({fit['iterations']} Newton steps, "
+                      f"ESS {fit['effective_sample_size']:.0f} of {fit['samples']})")
+    return target
+
+
+def _contexts_from_suite(suite, suite_dir: Path | None, tokenizer):
+    """Return the suite's prompts as contexts, or the single unconditional context."""
+    from fdiv_eval.prompts import build_contexts, load_prompts
+
+    prompts = None if suite.prompts is None else load_prompts(suite.prompts, suite_dir)
+    return build_contexts(tokenizer, prompts)
 
 
 def _train_config(suite, method: str, steps: int | None = None):
@@ -58,14 +90,20 @@ def _train_config(suite, method: str, steps: int | None = None):
         max_new_tokens=suite.max_new_tokens, learning_rate=train.learning_rate, optimizer=train.optimizer,
         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, baseline=train.baseline,
         checkpoint_every=train.checkpoint_every, log_partition_samples=train.log_partition_samples,
-        seed=train.seed, suite_hash=suite.content_hash(),
+        seed=train.seed, suite_hash=suite.content_hash(), prompts_per_step=train.prompts_per_step,
     )
 
 
-def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path, steps: int | None = None) -> dict:
+def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path, steps: int | None = None,
+                   suite_dir: Path | None = None) -> dict:
     from trainers.fdpg import train_policy
 
-    target = _target_from_suite(suite)
+    target = _target_from_suite(suite, suite_dir, console=console, show_progress=show_progress)
+    prompts = None
+    if suite.prompts is not None:
+        from fdiv_eval.prompts import load_prompts
+
+        prompts = load_prompts(suite.prompts, suite_dir)
     checkpoints = {}
     for method in methods:
         config = _train_config(suite, method, steps)
@@ -77,12 +115,18 @@ def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path
                 advance(step - done["count"])
                 done["count"] = step
 
-            result = train_policy(suite.base_model, target, config, runs_path / method, on_step=on_step)
+            result = train_policy(suite.base_model, target, config, runs_path / method, on_step=on_step,
+                                  prompts=prompts)
         last = result.last_metrics
         summary = ""
         if last:
-            summary = (f": constraint rate on the last batch {last['train/constraint_satisfaction']:.2f}, "
-                       f"KL to base {last['train/kl_to_base']:.2f} nats")
+            if getattr(target, "kind", "pointwise") == "pointwise":
+                summary = f": constraint rate on the last batch {last['train/constraint_satisfaction']:.2f}, "
+            else:
+                shown = [key for key in last if key.startswith(("train/moment/", "train/reward"))]
+                summary = ": on the last batch " + ", ".join(
+                    f"{key.removeprefix('train/')} {last[key]:.3f}" for key in shown) + ", "
+            summary += f"KL to base {last['train/kl_to_base']:.2f} nats"
         resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
         console.print(f"{method}: {result.steps_run} steps in {result.seconds:.1f} s{resumed}{summary}")
         checkpoints[method] = result.final_checkpoint
@@ -90,7 +134,7 @@ def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path
 
 
 def _audit_models(suite, models: list[tuple[str, str, str | None]], console, show_progress: bool,
-                  report_path: Path, started: float) -> dict:
+                  report_path: Path, started: float, suite_dir: Path | None = None) -> dict:
     """Audit (name, model path, method) triples and write the report files."""
     from fdiv_eval.audit import (
         audit_model,
@@ -103,7 +147,6 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
     from fdiv_eval.sequences import load_model, load_tokenizer
 
-    target = _target_from_suite(suite)
     tokenizer = load_tokenizer(suite.base_model)
     base = load_model(suite.base_model)
     if suite.audit.exact:
@@ -120,6 +163,10 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     for name, model_path, _ in models:
         if model_path != suite.base_model:
             check_same_tokenizer(name, model_path, tokenizer)
+    target = _target_from_suite(suite, suite_dir, base, tokenizer, console, show_progress)
+    if suite.prompts is not None:
+        return _audit_models_with_prompts(suite, models, console, show_progress, report_path, started, suite_dir,
+                                          base, tokenizer, target)
     audits, loaded = [], {}
     with progress_factory(console, show_progress) as start:
         base_sample = draw_base_sample(base, tokenizer, target, suite.audit, suite.max_new_tokens, progress=start)
@@ -194,15 +241,61 @@ def _exact_values(suite, audits, models, base, tokenizer, target, start) -> floa
     return log_z
 
 
+def _audit_models_with_prompts(suite, models, console, show_progress: bool, report_path: Path, started: float,
+                               suite_dir: Path | None, base, tokenizer, target) -> dict:
+    """Audit every model per prompt (averaged over prompts) and write the report files."""
+    from fdiv_eval.audit import save_samples, seed_for_model
+    from fdiv_eval.conditional import (
+        audit_conditional_model,
+        conditional_base_columns,
+        draw_conditional_base_sample,
+        mean_log_partition,
+    )
+    from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
+    from fdiv_eval.sequences import load_model
+
+    contexts = _contexts_from_suite(suite, suite_dir, tokenizer)
+    audits = []
+    with progress_factory(console, show_progress) as start:
+        base_samples = draw_conditional_base_sample(base, tokenizer, target, contexts, suite.audit,
+                                                    suite.max_new_tokens, progress=start)
+        for index, (name, model_path, method) in enumerate(models):
+            policy = base if model_path == suite.base_model else load_model(model_path)
+            audit = audit_conditional_model(name, model_path, policy, base, tokenizer, target, base_samples,
+                                            suite.audit, suite.max_new_tokens, seed_for_model(suite.audit.seed, index),
+                                            progress=start)
+            audits.append((audit, method))
+
+    entries = []
+    for audit, method in audits:
+        samples_file = f"samples/{audit.name}.parquet"
+        save_samples(audit.samples, report_path / samples_file)
+        entries.append({"name": audit.name, "model": str(audit.model), "method": method,
+                        "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
+    save_samples(conditional_base_columns(base_samples, [a for a, _ in audits]),
+                 report_path / "samples" / "_base_sample.parquet")
+    settings = {"max_new_tokens": suite.max_new_tokens, "audit": vars(suite.audit).copy(),
+                "base_model": suite.base_model, "prompts": len(contexts)}
+    report = build_report(suite.name, suite.content_hash(), target.describe(), mean_log_partition(base_samples),
+                          entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1))
+    write_json(report, report_path / "report.json")
+    write_atomic(report_path / "report.md", render_markdown(report))
+    print_table(report, console)
+    console.print(f"wrote {report_path / 'report.json'} and {report_path / 'report.md'}")
+    return report
+
+
 def _command_run(args, console) -> int:
     from fdiv_eval.suite import load_suite
 
     started = time.perf_counter()
     suite = load_suite(args.suite)
-    checkpoints = _train_methods(suite, suite.train.methods, console, not args.no_progress, suite.runs_path)
+    suite_dir = Path(args.suite).parent
+    checkpoints = _train_methods(suite, suite.train.methods, console, not args.no_progress, suite.runs_path,
+                                 suite_dir=suite_dir)
     models = [("base", suite.base_model, None)]
     models += [(method, str(path), method) for method, path in checkpoints.items()]
-    _audit_models(suite, models, console, not args.no_progress, suite.report_path, started)
+    _audit_models(suite, models, console, not args.no_progress, suite.report_path, started, suite_dir)
     console.print(f"total time: {time.perf_counter() - started:.1f} s")
     return EXIT_OK
 
@@ -223,7 +316,7 @@ def _command_train(args, console) -> int:
 
     validate_suite(dataclasses.replace(suite, train=dataclasses.replace(suite.train, methods=tuple(methods))))
     runs_path = Path(args.output) if args.output else suite.runs_path
-    _train_methods(suite, methods, console, not args.no_progress, runs_path, args.steps)
+    _train_methods(suite, methods, console, not args.no_progress, runs_path, args.steps, Path(args.suite).parent)
     return EXIT_OK
 
 
@@ -277,7 +370,7 @@ def _command_audit(args, console) -> int:
     if len(set(names)) != len(names):
         raise InvalidInputError(f"model names must be unique, got {names}; name them with --model NAME=PATH")
     report_path = Path(args.output) if args.output else suite.report_path
-    _audit_models(suite, models, console, not args.no_progress, report_path, started)
+    _audit_models(suite, models, console, not args.no_progress, report_path, started, Path(args.suite).parent)
     return EXIT_OK
 
 

@@ -114,9 +114,10 @@ def require_accepted_samples(satisfied: np.ndarray, words, hint: str) -> None:
     """
     satisfied = np.asarray(satisfied, dtype=bool)
     if not satisfied.any():
+        wanted = f"contains any of the target words {list(words)}" if isinstance(words, (list, tuple)) \
+            else f"satisfies the target constraint {words}"
         raise EstimationError(
-            f"log Z cannot be estimated: none of the {satisfied.size} base-model samples contains any of "
-            f"the target words {list(words)}; {hint}"
+            f"log Z cannot be estimated: none of the {satisfied.size} base-model samples {wanted}; {hint}"
         )
 
 

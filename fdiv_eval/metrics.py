@@ -44,6 +44,17 @@ METRICS: dict[str, MetricInfo] = {
     "distinct_3": MetricInfo("dist-3", "none", "fraction", "corpus-level distinct trigrams"),
     "self_bleu": MetricInfo("Self-BLEU", "none", "0-100", "each sample's BLEU against the other samples"),
     "mean_length": MetricInfo("length", "none", "tokens", "mean generated length, EOS included"),
+    "reward": MetricInfo("E_π[r]", "higher", "reward", "mean reward of the model's samples"),
+    "target_reward": MetricInfo("E_p[r]", "none", "reward",
+                                "mean reward under the target, self-normalized from base-model samples"),
+    "rlhf_objective": MetricInfo("E_π[r] − β·KL", "higher", "reward",
+                                 "KL-regularized RLHF objective E_π[r] − β·KL(π‖π0)"),
+}
+
+FEATURE_METRIC_PREFIXES = {
+    "moment/": ("E_π[{}]", "mean of the feature over the model's samples; compare with the desired moment"),
+    "target_moment/": ("E_p[{}]", "mean of the feature under the fitted target, self-normalized from the "
+                                  "independent audit base sample"),
 }
 
 SUMMARY_METRICS = (
@@ -54,12 +65,18 @@ SUMMARY_METRICS = (
 
 
 def metric_info(name: str) -> MetricInfo:
-    """Metadata of a metric, including the ``alpha_<α>`` family; unknown names get a neutral entry."""
+    """Return the metadata of a metric: a fixed one, ``alpha_<α>``, or a per-feature one such as ``moment/woman``.
+
+    Unknown names get a neutral entry named after themselves.
+    """
     if name in METRICS:
         return METRICS[name]
     if name.startswith("alpha_"):
         alpha = name.split("_", 1)[1]
         return MetricInfo(f"D_α={alpha}", "lower", "", f"Amari alpha-divergence with alpha = {alpha}")
+    for prefix, (label, description) in FEATURE_METRIC_PREFIXES.items():
+        if name.startswith(prefix):
+            return MetricInfo(label.format(name[len(prefix):]), "none", "", description)
     return MetricInfo(name, "none", "", name)
 
 

@@ -139,14 +139,6 @@ def metric_header(name: str) -> str:
     return f"{info.label} {mark}".strip()
 
 
-def _metric_names(estimates: list[dict[str, Estimate]]) -> list[str]:
-    """Known metrics in their documented order, then any others the models report."""
-    present = set().union(*estimates) if estimates else set()
-    names = [name for name in METRICS if name in present]
-    names += sorted(present - set(names))
-    return names
-
-
 def _pairwise_markdown(pairwise: dict) -> list[str]:
     names = pairwise["models"]
     lines = ["## Divergences between models", "", pairwise["description"] + ".", ""]
@@ -169,7 +161,7 @@ def render_markdown(report: dict) -> str:
         f"Suite hash `{report['suite']['hash']}`, created {report['created']} by {report['generator']}.",
         "",
         f"Target: `{report['target'].get('formula', report['target'])}`",
-        f"with words {report['target'].get('words')} and epsilon = {report['target'].get('epsilon')}.",
+        target_parameters(report["target"]),
         "",
         f"log Z = {format_estimate(log_z)} from {log_z.n} base-model samples ({log_z.method}).",
         "",
@@ -180,7 +172,9 @@ def render_markdown(report: dict) -> str:
     header = "| metric | " + " | ".join(entry["name"] for entry in models) + " |"
     lines += [header, "|" + "---|" * (len(models) + 1)]
     estimates = [model_estimates(entry) for entry in models]
-    for name in _metric_names(estimates):
+    for name in [*METRICS, *target_metric_names(report)]:
+        if not any(name in e for e in estimates):
+            continue
         cells = [format_estimate(e[name]) if name in e else "" for e in estimates]
         lines.append(f"| {metric_header(name)} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -193,6 +187,7 @@ def render_markdown(report: dict) -> str:
             for note in estimate.notes:
                 lines.append(f"- {entry['name']}, {name}: {note}")
     lines.append("")
+    lines += _per_prompt_lines(report)
     lines.append("## Metrics")
     lines.append("")
     for name, info in METRICS.items():
@@ -200,6 +195,63 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- **{info.label}**{unit}: {info.description}.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _per_prompt_lines(report: dict) -> list[str]:
+    """Markdown lines that list, per model, the prompts with the lowest and highest key metrics."""
+    from fdiv_eval.conditional import prompt_extremes
+
+    models = [entry for entry in report["models"] if entry.get("info", {}).get("per_prompt")]
+    if not models:
+        return []
+    lines = ["## Per-prompt extremes", ""]
+    for entry in models:
+        rows = entry["info"]["per_prompt"]
+        keys = [key for key in ("reward", "constraint_satisfaction", "js") if key in rows[0]]
+        keys = [key for key in rows[0] if key.startswith("moment/")] + keys
+        lines.append(f"### {entry['name']} ({len(rows)} prompts)")
+        lines.append("")
+        for key in keys:
+            extremes = prompt_extremes(rows, key)
+            for side in ("lowest", "highest"):
+                shown = "; ".join(f"{format_number(value)} for {prompt!r}" for prompt, value in extremes[side])
+                lines.append(f"- {metric_header(key)}, {side}: {shown}")
+        lines.append("")
+    return lines
+
+
+def target_metric_names(report: dict) -> list[str]:
+    """Names of the per-feature metrics that the report's models carry, in first-seen order."""
+    names: list[str] = []
+    for entry in report["models"]:
+        for name in entry["metrics"]:
+            if name not in METRICS and name not in names:
+                names.append(name)
+    return names
+
+
+def target_parameters(target: dict) -> str:
+    """One line with the parameters of the target, by kind."""
+    kind = target.get("type")
+    if kind == "distributional":
+        coefficients = target.get("coefficients") or [None] * len(target["features"])
+        fit = target.get("fit") or {}
+        achieved = fit.get("achieved_moments", {})
+        parts = []
+        for feature, coefficient in zip(target["features"], coefficients):
+            part = f"{feature['name']}: desired moment {feature['moment']:g}, lambda = "
+            part += format_number(coefficient) if coefficient is not None else "?"
+            if feature["name"] in achieved:
+                part += f", achieved on the fit sample {format_estimate(Estimate.from_dict(achieved[feature['name']]))}"
+            parts.append(part)
+        tail = (f" (fitted on {fit['samples']} base samples in {fit['iterations']} Newton steps, "
+                f"ESS {format_number(fit['effective_sample_size'])})") if fit else ""
+        return "Features " + "; ".join(parts) + tail + "."
+    if kind == "reward":
+        return f"Reward {target['reward']} with beta = {target['beta']}."
+    if kind == "pointwise":
+        return f"Constraint {target.get('constraint')} and epsilon = {target.get('epsilon')}."
+    return f"with words {target.get('words')} and epsilon = {target.get('epsilon')}."
 
 
 def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> None:
@@ -214,6 +266,8 @@ def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> Non
         caption="value [95% CI]; ↓ lower is better, ↑ higher is better; (!) unreliable estimate",
     )
     table.add_column("model", style="bold")
+    metric_names = [*metric_names, *(n for n in [*target_metric_names(report), "reward", "target_reward", "rlhf_objective"]
+                                     if n not in metric_names and any(n in e["metrics"] for e in report["models"]))]
     for name in metric_names:
         table.add_column(metric_header(name), justify="right")
     for entry in report["models"]:

@@ -37,23 +37,55 @@ import yaml
 
 from fdiv_eval.divergences import DIVERGENCES, PRESETS, get_divergence
 from fdiv_eval.errors import InvalidInputError
+from fdiv_eval.scorers import ScorerConfig
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 BASELINES = ("mean", "leave_one_out", "none")
-TARGET_TYPES = ("word_list",)
+TARGET_TYPES = ("word_list", "pointwise", "distributional", "reward")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """One feature φ_k of a distributional target and its desired moment."""
+
+    name: str = ""
+    """Name used in reports, for example ``mentions_woman``."""
+    moment: float | None = None
+    """Desired moment μ̄_k = E_p[φ_k]; for a 0/1 feature, the desired fraction of samples."""
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    """How φ_k is computed (see ``fdiv_eval.scorers``)."""
 
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """The target P(x) = π0(x)·max(b(x), ε)."""
+    """The target P(x) = π0(x)·Φ(x).
+
+    ``word_list``: Φ = max(b, ε) with b from ``words``. ``pointwise``: the
+    same with b from the ``constraint`` scorer (b = score ≥ 0.5).
+    ``distributional``: Φ = exp(λ·φ) for ``features``, λ fitted on base
+    samples. ``reward``: Φ = exp(r/β) with r from ``reward``. The last two
+    are multiplied by max(b, ε) when ``constraint`` or ``words`` is given.
+    """
 
     type: str = "word_list"
-    """Kind of target; ``word_list`` is a pointwise constraint on listed words."""
+    """``word_list``, ``pointwise``, ``distributional`` or ``reward``."""
     words: tuple[str, ...] = ()
     """b(x) = 1 when the text contains any of these words (whole word, case-insensitive)."""
     epsilon: float = 0.0
     """Floor ε of the potential, in [0, 1). 0 is a hard constraint; reverse KL and
     Pearson χ² training need ε > 0 because they are infinite otherwise."""
+    constraint: ScorerConfig | None = None
+    """A scorer that defines the pointwise constraint b (in place of ``words``)."""
+    features: tuple[FeatureConfig, ...] = ()
+    """``distributional``: the features φ_k and their desired moments μ̄_k."""
+    reward: ScorerConfig | None = None
+    """``reward``: the scorer that gives r(x)."""
+    beta: float | None = None
+    """``reward``: temperature β > 0 of exp(r/β); in the units of the reward."""
+    fit_samples: int = 4096
+    """``distributional``: base-model samples on which λ is fitted (in total over prompts)."""
+    fit_seed: int = 7
+    """``distributional``: seed of the fit sample, so training and audit fit the same λ."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +111,10 @@ class TrainConfig:
     checkpoint_every: int = 40
     """Write a resumable checkpoint every this many steps (and always at the end)."""
     log_partition_samples: int = 2048
-    """Base-model samples that start the running estimate of log Z."""
+    """Base-model samples that start the running estimate of log Z (split across prompts, if any)."""
     seed: int = 0
+    prompts_per_step: int = 8
+    """With prompts: prompts drawn per step; each gets batch_size // prompts_per_step samples."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +143,21 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class PromptsConfig:
+    """Prompts that condition generation; each prompt c gets its own target p_c, Z_c and baseline."""
+
+    texts: tuple[str, ...] = ()
+    """Inline prompts."""
+    file: str = ""
+    """A file that ``datasets`` reads (``.txt`` with one prompt per line, ``.json``, ``.jsonl``, ``.csv``,
+    ``.parquet``). Relative paths are taken from the suite file's folder."""
+    column: str = "prompt"
+    """Column of ``file`` that holds the prompt text (``.txt`` files always use their lines)."""
+    limit: int | None = None
+    """Use only the first this many prompts of the file."""
+
+
+@dataclass(frozen=True)
 class Suite:
     """A whole experiment: base model, target, training and audit."""
 
@@ -120,6 +169,8 @@ class Suite:
     target: TargetConfig = field(default_factory=TargetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    prompts: PromptsConfig | None = None
+    """Prompts to condition on; without them every sample continues the BOS token."""
     runs_dir: str = "runs/{name}"
     """Where checkpoints go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
     report_dir: str = "reports/{name}"
@@ -216,9 +267,7 @@ def validate_suite(suite: Suite) -> None:
     target = suite.target
     _require(target.type in TARGET_TYPES,
              f"unknown target type {target.type!r}; choose one of: {', '.join(TARGET_TYPES)}")
-    _require(len(target.words) > 0, "suite field 'target.words' must list at least one word")
-    _require(0.0 <= target.epsilon < 1.0 and not math.isnan(target.epsilon),
-             f"suite field 'target.epsilon' must lie in [0, 1), got {target.epsilon}")
+    _validate_target(target)
 
     train = suite.train
     _require(len(train.methods) > 0, "suite field 'train.methods' must list at least one method")
@@ -226,7 +275,7 @@ def validate_suite(suite: Suite) -> None:
              f"suite field 'train.methods' lists a method twice: {list(train.methods)}")
     for method in train.methods:
         divergence = get_divergence(method, train.alpha)
-        if divergence.needs_full_support and target.epsilon == 0.0:
+        if divergence.needs_full_support and _has_constraint(target) and target.epsilon == 0.0:
             raise InvalidInputError(
                 f"method {method!r} minimizes {divergence.name}, which is infinite for a hard constraint "
                 "(target.epsilon = 0): set target.epsilon to a small positive value such as 0.001"
@@ -244,6 +293,16 @@ def validate_suite(suite: Suite) -> None:
     _require(train.log_partition_samples >= 1,
              f"suite field 'train.log_partition_samples' must be at least 1, got {train.log_partition_samples}")
 
+    if suite.prompts is not None:
+        prompts = suite.prompts
+        _require(bool(prompts.texts) != bool(prompts.file),
+                 "suite section 'prompts' needs exactly one of 'texts' (a list) or 'file' (a path)")
+        _require(prompts.limit is None or prompts.limit >= 1,
+                 f"suite field 'prompts.limit' must be at least 1, got {prompts.limit}")
+        _require(1 <= train.prompts_per_step <= train.batch_size // 2,
+                 f"suite field 'train.prompts_per_step' must lie between 1 and batch_size / 2 "
+                 f"({train.batch_size // 2}), got {train.prompts_per_step}")
+
     audit = suite.audit
     _require(audit.samples >= 2, f"suite field 'audit.samples' must be at least 2, got {audit.samples}")
     _require(audit.base_samples >= 2, f"suite field 'audit.base_samples' must be at least 2, got {audit.base_samples}")
@@ -255,6 +314,40 @@ def validate_suite(suite: Suite) -> None:
         get_divergence("alpha", alpha)
     _require(audit.bootstrap_resamples >= 10,
              f"suite field 'audit.bootstrap_resamples' must be at least 10, got {audit.bootstrap_resamples}")
+
+
+def _has_constraint(target: TargetConfig) -> bool:
+    return target.type in ("word_list", "pointwise") or bool(target.words) or target.constraint is not None
+
+
+def _validate_target(target: TargetConfig) -> None:
+    """Check the fields that each target type needs and reject those it does not use."""
+    _require(0.0 <= target.epsilon < 1.0 and not math.isnan(target.epsilon),
+             f"suite field 'target.epsilon' must lie in [0, 1), got {target.epsilon}")
+    _require(not (target.words and target.constraint is not None),
+             "give either target.words or target.constraint, not both")
+    if target.type == "word_list":
+        _require(len(target.words) > 0, "suite field 'target.words' must list at least one word")
+    if target.type == "pointwise":
+        _require(target.constraint is not None, "target type 'pointwise' needs target.constraint (a scorer)")
+    if target.type == "distributional":
+        _require(len(target.features) > 0, "target type 'distributional' needs target.features")
+        for index, feature in enumerate(target.features):
+            _require(bool(feature.name.strip()), f"suite field 'target.features[{index}].name' must be set")
+            _require(feature.moment is not None and math.isfinite(feature.moment),
+                     f"suite field 'target.features[{index}].moment' must be a finite number, got {feature.moment}")
+        _require(target.fit_samples >= 2,
+                 f"suite field 'target.fit_samples' must be at least 2, got {target.fit_samples}")
+    else:
+        _require(not target.features, f"target.features applies to type 'distributional' only, not {target.type!r}")
+    if target.type == "reward":
+        _require(target.reward is not None, "target type 'reward' needs target.reward (a scorer)")
+        _require(target.beta is not None and math.isfinite(target.beta) and target.beta > 0,
+                 f"suite field 'target.beta' must be a positive number, got {target.beta}; "
+                 "the target is pi0(x)*exp(r(x)/beta), so use a value such as 0.1")
+    else:
+        _require(target.reward is None and target.beta is None,
+                 f"target.reward and target.beta apply to type 'reward' only, not {target.type!r}")
 
 
 def suite_from_dict(data: Any) -> Suite:

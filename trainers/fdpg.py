@@ -41,15 +41,16 @@ from fdiv_eval.estimators import (
     require_finite_log_partition,
 )
 from fdiv_eval.estimates import Estimate, log_sum_exp
+from fdiv_eval.prompts import Context, build_contexts, per_prompt_count
 from fdiv_eval.sequences import (
     SampleBatch,
-    default_prompt,
     load_model,
     load_tokenizer,
     sample,
     score,
     sequence_log_probs_with_grad,
 )
+from fdiv_eval.target_metrics import policy_target_metrics
 from fdiv_eval.targets import PointwiseTarget
 from trainers.losses import (
     log_ratio_to_target,
@@ -91,6 +92,8 @@ class FDPGConfig:
     seed: int = 0
     suite_hash: str = ""
     """Hash of the suite that asked for this run; stored in every checkpoint."""
+    prompts_per_step: int = 8
+    """With prompts: prompts drawn per step, each with batch_size // prompts_per_step samples."""
 
 
 @dataclass
@@ -126,6 +129,8 @@ def _validate(config: FDPGConfig, target: PointwiseTarget) -> None:
     for name in ("steps", "batch_size", "max_new_tokens", "checkpoint_every", "log_partition_samples"):
         if getattr(config, name) < 1:
             raise InvalidInputError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.prompts_per_step < 1:
+        raise InvalidInputError(f"prompts_per_step must be at least 1, got {config.prompts_per_step}")
     if config.batch_size < 2 and config.baseline == "leave_one_out":
         raise InvalidInputError("the leave_one_out baseline needs batch_size of at least 2")
 
@@ -179,18 +184,37 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     os.replace(temporary, log_path)
 
 
-def _initial_log_partition(base, tokenizer, target, prompt, config: FDPGConfig) -> tuple[float, int]:
-    """Start the running log Z from an independent base-model sample."""
-    batch = sample(
-        base, prompt, config.log_partition_samples, config.max_new_tokens,
-        tokenizer.eos_token_id, tokenizer.pad_token_id, seed=config.seed + 1,
-    )
-    texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
-    log_potentials = target.log_potential(texts)
-    hint = "raise train.log_partition_samples, or choose target words that the base model produces more often"
-    require_accepted_samples(target.constraint(texts), target.feature.words, hint)
-    require_finite_log_partition(log_partition(log_potentials), hint)
-    return log_sum_exp(log_potentials), log_potentials.size
+def _initial_log_partition(base, tokenizer, target, contexts: list[Context], config: FDPGConfig
+                           ) -> tuple[list[float], list[int]]:
+    """Start the running log Z_c of every prompt from an independent base-model sample."""
+    count = per_prompt_count(config.log_partition_samples, len(contexts))
+    hint = "raise train.log_partition_samples, or choose a target constraint that the base model satisfies more often"
+    log_sums, counts, satisfied = [], [], []
+    for context in contexts:
+        batch = sample(
+            base, context.prompt_ids, count, config.max_new_tokens,
+            tokenizer.eos_token_id, tokenizer.pad_token_id, seed=config.seed + 1 + context.index,
+        )
+        texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
+        prompts = None if context.text is None else [context.text] * len(texts)
+        log_potentials = target.log_potential(texts, prompts)
+        satisfied.append(np.asarray(target.constraint(texts, prompts), dtype=bool))
+        require_finite_log_partition(log_partition(log_potentials), hint)
+        log_sums.append(log_sum_exp(log_potentials))
+        counts.append(log_potentials.size)
+    if getattr(target, "has_constraint", True):
+        require_accepted_samples(np.concatenate(satisfied), target.constraint_description, hint)
+    return log_sums, counts
+
+
+def _contexts_for_step(contexts: list[Context], config: FDPGConfig, step: int) -> list[Context]:
+    """Return the prompts of one step: all of them when there is one, else a seeded draw without replacement."""
+    if len(contexts) == 1:
+        return contexts
+    size = min(config.prompts_per_step, len(contexts))
+    # Seeded by step, so a resumed run draws the same prompts as an uninterrupted one.
+    chosen = np.random.default_rng([config.seed, step]).choice(len(contexts), size=size, replace=False)
+    return [contexts[int(index)] for index in chosen]
 
 
 def train_policy(
@@ -199,6 +223,7 @@ def train_policy(
     config: FDPGConfig,
     output_dir: str | Path,
     on_step: StepCallback | None = None,
+    prompts: list[str] | None = None,
 ) -> TrainResult:
     """Fine-tune a copy of ``base_model`` toward ``target`` by f-DPG; resume if possible.
 
@@ -206,6 +231,10 @@ def train_policy(
     log π0; fold the batch's log-weights into the running log Ẑ; compute the
     pseudo-reward −f′(t) from log t = log π_θ − log P + log Ẑ; subtract the
     baseline; take one clipped optimizer step on the surrogate loss.
+
+    With ``prompts``, each step draws ``prompts_per_step`` of them; every
+    prompt c keeps its own running log Ẑ_c, and the baseline is taken within
+    the samples of each prompt.
     """
     _validate(config, target)
     divergence = get_divergence(config.method, config.alpha)
@@ -217,7 +246,7 @@ def train_policy(
     base = load_model(base_model)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
-    prompt = default_prompt(tokenizer)
+    contexts = build_contexts(tokenizer, prompts)
 
     resume_from = _latest_checkpoint(output_dir)
     if resume_from is not None:
@@ -234,7 +263,13 @@ def train_policy(
         optimizer.load_state_dict(tensors["optimizer"])
         torch.random.set_rng_state(tensors["torch_rng"])
         start_step = int(state["step"])
-        log_z_sum, log_z_count = float(state["log_partition_log_sum"]), int(state["log_partition_count"])
+        log_z_sums = [float(v) for v in state.get("log_partition_log_sums", [state["log_partition_log_sum"]])]
+        log_z_counts = [int(v) for v in state.get("log_partition_counts", [state["log_partition_count"]])]
+        if len(log_z_sums) != len(contexts):
+            raise InvalidInputError(
+                f"{output_dir} holds a run with {len(log_z_sums)} prompts, not {len(contexts)}; "
+                "delete the folder or choose another output folder"
+            )
         _truncate_log(log_path, start_step)
         logger.info("resuming %s from step %d (%s)", config.method, start_step, resume_from.name)
     else:
@@ -242,7 +277,7 @@ def train_policy(
         policy = load_model(base_model)
         optimizer = _make_optimizer(config, policy.parameters())
         start_step = 0
-        log_z_sum, log_z_count = _initial_log_partition(base, tokenizer, target, prompt, config)
+        log_z_sums, log_z_counts = _initial_log_partition(base, tokenizer, target, contexts, config)
         if log_path.exists():
             log_path.unlink()
     # Created only now, so that invalid input leaves no empty run folder behind.
@@ -259,9 +294,11 @@ def train_policy(
             "method": config.method,
             "divergence": divergence.name,
             "alpha": config.alpha,
-            "log_partition": log_z_sum - math.log(log_z_count),
-            "log_partition_log_sum": log_z_sum,
-            "log_partition_count": log_z_count,
+            "log_partition": log_z_sums[0] - math.log(log_z_counts[0]),
+            "log_partition_log_sum": log_z_sums[0],
+            "log_partition_count": log_z_counts[0],
+            "log_partition_log_sums": log_z_sums,
+            "log_partition_counts": log_z_counts,
             "suite_hash": config.suite_hash,
             "base_model": base_model,
             "target": target.describe(),
@@ -271,26 +308,42 @@ def train_policy(
     for step in range(start_step + 1, config.steps + 1):
         step_started = time.perf_counter()
 
-        # 1. Sample from the current policy.
-        batch = sample(policy, prompt, config.batch_size, config.max_new_tokens,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=config.batch_size)
-
-        # 2. Score: log π_θ with grad, log π0 without, and the target potential.
-        log_policy = sequence_log_probs_with_grad(policy, batch)
-        with torch.no_grad():
-            log_base = score(base, batch, batch_size=config.batch_size).log_prob
-        texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
-        log_potential = torch.from_numpy(target.log_potential(texts))
+        # 1-2. Per prompt of this step: sample from the current policy, then
+        # score log π_θ with grad, log π0 without, and the target potential.
+        chosen = _contexts_for_step(contexts, config, step)
+        per_context = config.batch_size // len(chosen)
+        log_policy_parts, log_base_parts, log_potential_parts, texts, lengths, groups = [], [], [], [], [], []
+        for context in chosen:
+            batch = sample(policy, context.prompt_ids, per_context, config.max_new_tokens,
+                           tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=per_context)
+            log_policy_parts.append(sequence_log_probs_with_grad(policy, batch))
+            with torch.no_grad():
+                log_base_parts.append(score(base, batch, batch_size=per_context).log_prob)
+            context_texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
+            context_prompts = None if context.text is None else [context.text] * len(context_texts)
+            log_potential_parts.append(torch.from_numpy(target.log_potential(context_texts, context_prompts)))
+            texts += context_texts
+            lengths.append(batch.lengths)
+            groups.append(len(context_texts))
+        log_policy = torch.cat(log_policy_parts)
+        log_base = torch.cat(log_base_parts)
+        log_potential = torch.cat(log_potential_parts)
         log_target = log_base + log_potential
 
-        # 3. Running log Z from the on-policy importance weights P/π_θ.
-        log_z_sum, log_z_count = update_log_partition(log_z_sum, log_z_count, log_target - log_policy.detach())
-        log_z = log_z_sum - math.log(log_z_count)
+        # 3. Running log Z_c of each prompt from the on-policy importance weights P/π_θ.
+        log_z_rows = []
+        for context, rows in zip(chosen, torch.split(log_target - log_policy.detach(), groups)):
+            index = context.index
+            log_z_sums[index], log_z_counts[index] = update_log_partition(log_z_sums[index], log_z_counts[index], rows)
+            log_z_rows.append(torch.full((rows.numel(),), log_z_sums[index] - math.log(log_z_counts[index]),
+                                         dtype=torch.float64))
+        log_z_per_sample = torch.cat(log_z_rows)
+        log_z = float(log_z_per_sample.mean())
 
-        # 4-5. Pseudo-reward −f′(π_θ/p) and baseline.
-        log_ratio = log_ratio_to_target(log_policy, log_target, log_z)
+        # 4-5. Pseudo-reward −f′(π_θ/p) and a baseline within each prompt's samples.
+        log_ratio = log_ratio_to_target(log_policy, log_target, log_z_per_sample)
         rewards = pseudo_rewards(divergence, log_ratio)
-        advantages = subtract_baseline(rewards, config.baseline)
+        advantages = torch.cat([subtract_baseline(part, config.baseline) for part in torch.split(rewards, groups)])
 
         # 6. Surrogate loss and one clipped optimizer step.
         loss = surrogate_loss(advantages, log_policy)
@@ -300,9 +353,9 @@ def train_policy(
         optimizer.step()
 
         # 7. Log and checkpoint.
-        satisfied = np.isfinite(log_potential.numpy()) & (log_potential.numpy() == 0.0)
+        satisfied = target.constraint(texts)
         divergence_on_batch = policy_divergence(
-            divergence, (log_policy.detach() - log_target).numpy(), _fixed_log_partition(log_z)
+            divergence, (log_policy.detach() - log_target + log_z_per_sample).numpy(), _fixed_log_partition(0.0)
         )
         metrics = {
             "step": step,
@@ -313,10 +366,11 @@ def train_policy(
             "train/constraint_satisfaction": float(satisfied.mean()),
             "train/kl_to_base": float((log_policy.detach() - log_base).mean()),
             f"train/{divergence.name}_on_batch": divergence_on_batch.value,
-            "train/mean_length": float(batch.lengths.double().mean()),
+            "train/mean_length": float(torch.cat(lengths).double().mean()),
             "train/grad_norm": float(grad_norm),
             "train/learning_rate": optimizer.param_groups[0]["lr"],
             "time/step_seconds": time.perf_counter() - step_started,
+            **target_batch_metrics(target, texts, None, log_policy.detach().numpy(), log_base.numpy()),
         }
         with log_path.open("a") as stream:
             stream.write(json.dumps(_finite_or_string(metrics)) + "\n")
@@ -330,6 +384,12 @@ def train_policy(
         # final/ is resumable too: rerunning with more steps continues from it.
         _write_checkpoint(final, policy, tokenizer, optimizer, trainer_state(max(start_step, config.steps)))
     return TrainResult(final, config.steps - start_step, start_step, time.perf_counter() - started, metrics)
+
+
+def target_batch_metrics(target, texts, prompts, log_policy, log_base) -> dict:
+    """Batch means of the target's moments or reward, as ``train/…`` log entries."""
+    estimates = policy_target_metrics(target, texts, prompts, log_policy, log_base)
+    return {f"train/{name}": estimate.value for name, estimate in estimates.items()}
 
 
 def _fixed_log_partition(log_z: float) -> Estimate:

@@ -16,8 +16,11 @@ import torch
 from fdiv_eval.divergences import FDivergence
 
 
-def log_ratio_to_target(log_policy: torch.Tensor, log_unnormalized_target: torch.Tensor, log_partition: float) -> torch.Tensor:
+def log_ratio_to_target(log_policy: torch.Tensor, log_unnormalized_target: torch.Tensor,
+                        log_partition: float | torch.Tensor) -> torch.Tensor:
     """Return log t = log π − log p = log π − log P + log Z (detached, float64).
+
+    ``log_partition`` is one log Z, or one per sample [B] when samples come from different prompts.
 
     +∞ where P = 0: the target gives the sample no mass.
     """
