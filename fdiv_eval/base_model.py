@@ -53,7 +53,7 @@ class BaseModelConfig:
     n_embd: int = 128
     n_head: int = 4
     max_length: int = 64
-    """Longest training example in tokens (BOS and EOS included); longer sentences are cut."""
+    """Maximum training example length in tokens (BOS and EOS included); longer sentences are truncated."""
     batch_size: int = 64
     steps: int = 2000
     learning_rate: float = 3e-3

@@ -4,8 +4,8 @@
 class InvalidInputError(ValueError):
     """A user input (suite field, CLI option, file) is invalid.
 
-    The message names the value and says how to fix it; the CLI prints it on
-    one line and exits with status 2.
+    The message names the value and how to fix it. The CLI prints it on one
+    line and exits with status 2.
     """
 
 
