@@ -17,18 +17,19 @@ import numpy as np
 import torch
 
 from fdiv_eval.divergences import DIVERGENCES
-from fdiv_eval.diversity import distinct_n, self_bleu
+from fdiv_eval.diversity import distinct_n, distinct_n_per_sample, self_bleu
 from fdiv_eval.estimates import Estimate, mean_estimate
 from fdiv_eval.estimators import (
     constraint_satisfaction,
     forward_kl_from_base,
+    kl_to_base,
     log_partition,
     policy_divergence,
     require_accepted_samples,
     require_finite_log_partition,
     reverse_kl_on_support,
 )
-from fdiv_eval.sequences import SampleBatch, default_prompt, sample, score, score_pair
+from fdiv_eval.sequences import SampleBatch, default_prompt, model_dtype, sample, score, score_pair
 from fdiv_eval.suite import AuditConfig
 from fdiv_eval.targets import PointwiseTarget
 
@@ -138,7 +139,8 @@ def audit_model(
         base_sample.log_potential, base_sample.log_base - log_prob_on_base
     )
     metrics["constraint_satisfaction"] = constraint_satisfaction(satisfied)
-    metrics["kl_to_base"] = mean_estimate(log_policy - log_base)
+    metrics["kl_to_base"] = kl_to_base(log_policy, log_base, "plain")
+    metrics["kl_to_base_k3"] = kl_to_base(log_policy, log_base, "k3")
     metrics["kl_to_base_tokenwise"] = mean_estimate(token_kl.numpy())
     metrics["sequence_entropy"] = mean_estimate(-log_policy)
     metrics["mean_token_entropy"] = mean_estimate(policy_scores.token_entropy_sum.numpy() / lengths)
@@ -146,7 +148,8 @@ def audit_model(
     advance = progress(f"{name}: diversity", 1)
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(texts, n, config.bootstrap_resamples, seed=seed)
-    metrics["self_bleu"] = self_bleu(texts, config.self_bleu_samples)
+        metrics[f"distinct_{n}_per_sample"] = distinct_n_per_sample(texts, n)
+    metrics["self_bleu"] = self_bleu(texts, config.self_bleu_samples, seed=seed)
     metrics["mean_length"] = mean_estimate(lengths)
     advance(1)
 
@@ -163,7 +166,29 @@ def audit_model(
     }
     violations = int(np.count_nonzero(~np.isfinite(log_ratios)))
     info = {"violations": violations, "violation_rate": violations / len(texts)}
+    warnings = precision_warnings(policy, base)
+    if warnings:
+        info["warnings"] = warnings
     return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, info)
+
+
+def precision_warnings(policy, base) -> list[str]:
+    """Warn when the policy and the base model hold their weights in different dtypes.
+
+    Two copies of one model loaded in different dtypes give slightly
+    different log-probs, so their KL is not exactly 0 and the divergence
+    estimates carry that rounding gap. Each warning is also logged.
+    """
+    policy_dtype, base_dtype = model_dtype(policy), model_dtype(base)
+    if policy_dtype == base_dtype:
+        return []
+    message = (
+        f"the policy's weights are {str(policy_dtype).removeprefix('torch.')} and the base model's are "
+        f"{str(base_dtype).removeprefix('torch.')}: log-ratios between them include rounding differences; "
+        "load both in the same dtype for exact comparisons"
+    )
+    logger.warning(message)
+    return [message]
 
 
 def save_samples(columns: dict[str, list], path: Path) -> None:

@@ -51,13 +51,7 @@ from fdiv_eval.sequences import (
     sequence_log_probs_with_grad,
 )
 from fdiv_eval.targets import PointwiseTarget
-from trainers.losses import (
-    log_ratio_to_target,
-    pseudo_rewards,
-    subtract_baseline,
-    surrogate_loss,
-    update_log_partition,
-)
+from trainers.losses import LOGGED_ESTIMATORS, fdpg_loss, update_log_partition
 
 logger = logging.getLogger(__name__)
 
@@ -274,15 +268,10 @@ def train_policy(
         log_z_sum, log_z_count = update_log_partition(log_z_sum, log_z_count, log_target - log_policy.detach())
         log_z = log_z_sum - math.log(log_z_count)
 
-        # 4-5. Pseudo-reward −f′(π_θ/p) and baseline.
-        log_ratio = log_ratio_to_target(log_policy, log_target, log_z)
-        rewards = pseudo_rewards(divergence, log_ratio)
-        advantages = subtract_baseline(rewards, config.baseline)
-
-        # 6. Surrogate loss and one clipped optimizer step.
-        loss = surrogate_loss(advantages, log_policy)
+        # 4-6. Pseudo-reward −f′(π_θ/p), baseline, surrogate loss; one clipped optimizer step.
+        step_loss = fdpg_loss(divergence, log_policy, log_target, log_z, config.baseline)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
         optimizer.step()
 
@@ -293,9 +282,7 @@ def train_policy(
         )
         metrics = {
             "step": step,
-            "train/loss": loss.item(),
-            "train/pseudo_reward_mean": float(rewards.mean()),
-            "train/pseudo_reward_std": float(rewards.std()),
+            **step_loss.log_record(),
             "train/log_partition": log_z,
             "train/constraint_satisfaction": float(satisfied.mean()),
             "train/kl_to_base": float((log_policy.detach() - log_base).mean()),
@@ -304,6 +291,7 @@ def train_policy(
             "train/grad_norm": float(grad_norm),
             "train/learning_rate": optimizer.param_groups[0]["lr"],
             "time/step_seconds": time.perf_counter() - step_started,
+            "estimators": {**LOGGED_ESTIMATORS, f"train/{divergence.name}_on_batch": divergence_on_batch.method},
         }
         with log_path.open("a") as stream:
             stream.write(json.dumps(_finite_or_string(metrics)) + "\n")
