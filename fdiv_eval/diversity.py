@@ -95,43 +95,24 @@ def distinct_n_per_sample(texts: list[str], n: int, tokenizer: str = "words") ->
 
 
 def sentence_bleu(hypothesis: list[str], references: list[list[str]], max_order: int = 4) -> float:
-    """BLEU of one tokenized hypothesis against tokenized references, in [0, 1].
+    """BLEU of one tokenized hypothesis against tokenized references, in [0, 1], by sacrebleu.
 
     Modified n-gram precisions clip each n-gram's count at its largest count
     in any one reference. The brevity penalty exp(1 − r/c) applies when the
-    hypothesis length c is below r, the reference length closest to c (the
-    shorter one on a tie). The score is the brevity penalty times the
-    geometric mean of the precisions of orders 1..max_order. An order with no
-    hypothesis n-gram (a hypothesis shorter than max_order) is left out of the
-    mean, and an order with no match gives 0: there is no smoothing.
+    hypothesis length c is below r, the reference length closest to c. The
+    score is the brevity penalty times the geometric mean of the precisions
+    of orders 1..max_order, leaving out orders longer than the hypothesis
+    (``effective_order``). No unigram match gives 0, and a higher order with
+    no match gets the exponential smoothing of Chen and Cherry (2014),
+    sacrebleu's default for sentence BLEU. The tokens are joined with spaces
+    and not tokenized again (``tokenize="none"``).
     """
-    if not hypothesis:
-        return 0.0
-    log_precisions = []
-    for order in range(1, max_order + 1):
-        counts = _counts(_ngrams(hypothesis, order))
-        total = sum(counts.values())
-        if total == 0:
-            break
-        largest = {}
-        for reference in references:
-            for gram, count in _counts(_ngrams(reference, order)).items():
-                largest[gram] = max(largest.get(gram, 0), count)
-        matches = sum(min(count, largest.get(gram, 0)) for gram, count in counts.items())
-        if matches == 0:
-            return 0.0
-        log_precisions.append(math.log(matches / total))
-    length = len(hypothesis)
-    closest = min((len(reference) for reference in references), key=lambda size: (abs(size - length), size))
-    brevity = 1.0 if length >= closest else math.exp(1.0 - closest / length)
-    return brevity * math.exp(sum(log_precisions) / len(log_precisions))
+    from sacrebleu.metrics import BLEU
 
-
-def _counts(grams: list[tuple[str, ...]]) -> dict[tuple[str, ...], int]:
-    counts: dict[tuple[str, ...], int] = {}
-    for gram in grams:
-        counts[gram] = counts.get(gram, 0) + 1
-    return counts
+    scorer = BLEU(max_ngram_order=max_order, tokenize="none", effective_order=True)
+    score = scorer.sentence_score(" ".join(hypothesis), [" ".join(reference) for reference in references]).score
+    # sacrebleu works on a 0-100 scale in log space, so an exact match can come out as 100.00000000000004.
+    return min(score / 100.0, 1.0)
 
 
 def self_bleu(
@@ -148,8 +129,8 @@ def self_bleu(
     words also matches exactly.
 
     The cost is quadratic, so above ``max_samples`` texts a random subset of
-    that size is drawn with ``seed`` (from the texts in sorted order, so the
-    subset does not depend on their order); the note records both. The
+    that size is drawn with ``seed``. It is drawn from the texts in sorted
+    order, so it does not depend on their order, and the note records both. The
     standard error treats the per-sample scores as independent, which they
     are not quite (they share references).
     """

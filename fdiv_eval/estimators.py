@@ -294,7 +294,7 @@ def mean_over_sequences(values, lengths, method: str = "mean+clt") -> Estimate:
     """Average per-sequence values over the sequences that have at least one generated token.
 
     A sequence of length 0 has no token to score, so its value (0 from an
-    empty masked sum) says nothing about the model: it is left out of the
+    empty masked sum) carries no information about the model: it is left out of the
     mean and counted in a note, and ``n`` is the number of sequences kept.
     """
     values = _as_float64(values)

@@ -30,7 +30,7 @@ def audit_external_samples(
 ) -> dict[str, Estimate]:
     """Estimate KL(π‖π0) of ``policy`` from samples that another sampler drew.
 
-    ``proposal_log_probs`` holds log q(x) of each sample under the
+    ``proposal_log_probs`` contains log q(x) of each sample under the
     distribution that drew it (for samples of ``policy`` drawn ancestrally,
     its own log-probs). ``None`` raises InvalidInputError: there is no way to
     tell from the samples alone which distribution they follow. Returns

@@ -70,7 +70,7 @@ LOGGED_ESTIMATORS = {
     "train/log_partition": "running log Ẑ: logsumexp of all log P − log q so far, minus log count",
     "train/kl_to_base": "kl-plain: mean(log π_θ − log π0) over the batch, x ∼ π_θ",
 }
-"""How each quantity in a training log record is computed; every record stores this beside the values."""
+"""Estimator of each quantity in a training log record, by key; every record stores it beside the values."""
 
 
 @dataclass
