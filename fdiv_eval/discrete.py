@@ -48,12 +48,23 @@ def f_divergence(divergence: FDivergence | str, *, policy, target) -> torch.Tens
     """
     if isinstance(divergence, str):
         divergence = get_divergence(divergence)
-    policy = _probabilities("policy", policy)
-    target = _probabilities("target", target)
-    if policy.shape != target.shape:
+    policy, target = _distribution_pair(policy, target, ("policy", "target"))
+    return _f_divergence(divergence, policy, target)
+
+
+def _distribution_pair(first, second, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate two probability vectors over the same outcomes; ``names`` are the caller's argument names."""
+    first = _probabilities(names[0], first)
+    second = _probabilities(names[1], second)
+    if first.shape != second.shape:
         raise InvalidInputError(
-            f"policy has {policy.numel()} outcomes and target has {target.numel()}; give both over the same outcomes"
+            f"{names[0]} has {first.numel()} outcomes and {names[1]} has {second.numel()}; "
+            "give both over the same outcomes"
         )
+    return first, second
+
+
+def _f_divergence(divergence: FDivergence, policy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     target_positive = target > 0
     policy_positive = policy > 0
     # Replace zeros by 1 inside the logs, so that no NaN or inf reaches the
@@ -74,17 +85,17 @@ def f_divergence(divergence: FDivergence | str, *, policy, target) -> torch.Tens
 
 def kl_divergence(*, p, q) -> float:
     """Return KL(p‖q) = Σ p·log(p/q) in nats; +∞ when p has mass where q has none."""
-    return float(f_divergence("reverse_kl", policy=p, target=q))
+    return float(_f_divergence(get_divergence("reverse_kl"), *_distribution_pair(p, q, ("p", "q"))))
 
 
 def pearson_chi2_divergence(*, p, q) -> float:
     """Return Pearson χ²(p‖q) = Σ (p − q)²/q."""
-    return float(f_divergence("chi2_pearson", policy=p, target=q))
+    return float(_f_divergence(get_divergence("chi2_pearson"), *_distribution_pair(p, q, ("p", "q"))))
 
 
 def neyman_chi2_divergence(*, p, q) -> float:
     """Return Neyman χ²(p‖q) = Σ (p − q)²/p, which is Pearson χ²(q‖p)."""
-    return float(f_divergence("chi2_neyman", policy=p, target=q))
+    return float(_f_divergence(get_divergence("chi2_neyman"), *_distribution_pair(p, q, ("p", "q"))))
 
 
 def js_divergence(*, p, q, base: float = math.e) -> float:
@@ -93,7 +104,7 @@ def js_divergence(*, p, q, base: float = math.e) -> float:
     In nats by default (at most log 2); ``base=2`` gives bits (at most 1).
     This is the divergence, not the distance: see ``js_distance``.
     """
-    return float(f_divergence("js", policy=p, target=q)) / _log_base(base)
+    return float(_f_divergence(get_divergence("js"), *_distribution_pair(p, q, ("p", "q")))) / _log_base(base)
 
 
 def js_distance(*, p, q, base: float = math.e) -> float:
@@ -103,13 +114,12 @@ def js_distance(*, p, q, base: float = math.e) -> float:
 
 def total_variation_distance(*, p, q) -> float:
     """Return TV(p, q) = ½·Σ|p − q|, in [0, 1]; half of ``l1_distance``."""
-    return float(f_divergence("tv", policy=p, target=q))
+    return float(_f_divergence(get_divergence("tv"), *_distribution_pair(p, q, ("p", "q"))))
 
 
 def l1_distance(*, p, q) -> float:
     """Return Σ|p − q|, in [0, 2]; twice the total variation distance."""
-    p = _probabilities("p", p)
-    q = _probabilities("q", q)
+    p, q = _distribution_pair(p, q, ("p", "q"))
     return float((p - q).abs().sum())
 
 

@@ -80,8 +80,8 @@ def distinct_n(
 def distinct_n_per_sample(texts: list[str], n: int, tokenizer: str = "words") -> Estimate:
     """Per-sample distinct-n: the mean over texts of each text's unique n-grams over its n-grams.
 
-    Texts shorter than n tokens have no n-gram; they are left out of the mean
-    and counted in a note. Always at least the corpus-level value, because
+    Texts shorter than n tokens have no n-gram, so they are left out of the
+    mean and counted in a note. Always at least the corpus-level value, because
     n-grams repeated across texts count as repeats only there.
     """
     split = _tokenizer(tokenizer)
@@ -90,7 +90,8 @@ def distinct_n_per_sample(texts: list[str], n: int, tokenizer: str = "words") ->
     estimate = mean_estimate(kept, method=f"per-sample-mean+clt,tokenizer={tokenizer}")
     estimate = Estimate(**{**estimate.__dict__, "ci_low": max(estimate.ci_low, 0.0), "ci_high": min(estimate.ci_high, 1.0)})
     if kept.size < ratios.size:
-        estimate = estimate.with_notes(f"{ratios.size - kept.size} of {ratios.size} texts have fewer than {n} tokens and are excluded")
+        excluded = ratios.size - kept.size
+        estimate = estimate.with_notes(f"{excluded} of {ratios.size} texts have no {n}-gram and are excluded")
     return estimate
 
 

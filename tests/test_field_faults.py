@@ -403,3 +403,42 @@ def test_self_bleu_leave_one_out():
     assert capped.notes == ("computed on a random subset of 10 of 40 samples, seed 3",)
     assert self_bleu(texts[::-1], max_samples=10, seed=3).value == capped.value
     assert 0.0 < capped.value < 1.0
+
+
+def _raises_invalid_input():
+    toy = make_toy_model()
+    batch = one_token_batch([0, 1])
+    return [
+        (lambda: score_continuations(toy, [[]], [[1]], pad_token_id=0), "row 0 has an empty context"),
+        (lambda: score_continuations(toy, [[0]], [[]], pad_token_id=0), "row 0 has an empty continuation"),
+        (lambda: score_continuations(toy, [[0]], [[1, 2]], pad_token_id=0, max_length=2), "raise max_length to at least 3"),
+        (lambda: score_continuations(toy, [[0], [0]], [[1]], pad_token_id=0), "got 2 contexts and 1 continuations"),
+        (lambda: perplexity(toy, [[0]], pad_token_id=0), "text 0 has 1 token"),
+        (lambda: perplexity(toy, [[0, 1]], pad_token_id=0, padding_side="middle"), "padding_side must be"),
+        (lambda: perplexity_from_log_probs([[0.5]]), "text 0 has log-probs that are NaN or above 0"),
+        (lambda: top_k_log_probs(torch.zeros(3), top_k=4), "top_k must be between 1 and the vocabulary size 3"),
+        (lambda: lengths_from_eos(torch.zeros(1, 2, dtype=torch.long), []), "eos_token_ids is empty"),
+        (lambda: kl_terms([0.0], [0.0], "k2"), "unknown KL estimator 'k2'"),
+        (lambda: mean_over_sequences([0.1, 0.2], [1]), "got 2 values and 1 lengths"),
+        (lambda: kl_to_base([-1.0], [-1.0], log_proposal=[-1.0, -2.0]), "got 2 proposal log-probs for 1 samples"),
+        (lambda: audit_external_samples(toy, toy, batch, proposal_log_probs=[0.0]), "got 1 proposal log-probs for 2"),
+        (lambda: audit_external_samples(toy, toy, batch, proposal_log_probs=[0.0, 0.5]), "must be finite log-probabilities"),
+        (lambda: kl_divergence(p=[0.5, 0.6], q=[0.5, 0.5]), "p must sum to 1"),
+        (lambda: kl_divergence(p=[0.5, 0.5], q=[1.0]), "p has 2 outcomes and q has 1"),
+        (lambda: kl_divergence(p=[-0.5, 1.5], q=[0.5, 0.5]), "finite non-negative probabilities"),
+        (lambda: f_divergence("js", policy=[0.5, 0.5], target=[1.0]), "policy has 2 outcomes and target has 1"),
+        (lambda: js_divergence(p=[0.5, 0.5], q=[0.5, 0.5], base=1), "base must be a positive number other than 1"),
+        (lambda: distinct_n(["a"], 1, tokenizer="bpe"), "unknown tokenizer 'bpe'"),
+        (lambda: self_bleu(["a", "b"], max_order=0), "max_order must be at least 1"),
+        (lambda: self_bleu(["a", "b"], max_samples=1), "max_samples must be at least 2"),
+    ]
+
+
+def test_invalid_inputs_are_rejected():
+    for call, message in _raises_invalid_input():
+        with pytest.raises(InvalidInputError, match=message):
+            call()
+    with pytest.raises(ValueError, match="max_weight must be positive"):
+        clip_importance_weights([0.0], max_weight=0.0)
+    with pytest.raises(ValueError, match="log-weights must be finite or −inf"):
+        self_normalized_weights([0.0, math.nan])
