@@ -17,19 +17,20 @@ import numpy as np
 import torch
 
 from fdiv_eval.divergences import DIVERGENCES, alpha_divergence
-from fdiv_eval.diversity import distinct_n, self_bleu
+from fdiv_eval.diversity import distinct_n, distinct_n_per_sample, self_bleu
 from fdiv_eval.errors import InvalidInputError
 from fdiv_eval.estimates import Estimate, mean_estimate
 from fdiv_eval.estimators import (
     constraint_satisfaction,
     forward_kl_from_base,
+    kl_to_base,
     log_partition,
     policy_divergence,
     require_accepted_samples,
     require_finite_log_partition,
     reverse_kl_on_support,
 )
-from fdiv_eval.sequences import SampleBatch, default_prompt, sample, score, score_pair
+from fdiv_eval.sequences import SampleBatch, default_prompt, model_dtype, sample, score, score_pair
 from fdiv_eval.suite import AuditConfig
 from fdiv_eval.target_metrics import base_sample_target_metrics, policy_target_metrics
 from fdiv_eval.targets import PointwiseTarget
@@ -156,7 +157,8 @@ def audit_model(
         metrics["constraint_satisfaction"] = constraint_satisfaction(satisfied)
     metrics.update(policy_target_metrics(target, texts, None, log_policy, log_base))
     metrics.update(base_sample.target_metrics)
-    metrics["kl_to_base"] = mean_estimate(log_policy - log_base)
+    metrics["kl_to_base"] = kl_to_base(log_policy, log_base, "plain")
+    metrics["kl_to_base_k3"] = kl_to_base(log_policy, log_base, "k3")
     metrics["kl_to_base_tokenwise"] = mean_estimate(token_kl.numpy())
     metrics["sequence_entropy"] = mean_estimate(-log_policy)
     metrics["mean_token_entropy"] = mean_estimate(policy_scores.token_entropy_sum.numpy() / lengths)
@@ -164,7 +166,8 @@ def audit_model(
     advance = progress(f"{name}: diversity", 1)
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(texts, n, config.bootstrap_resamples, seed=seed)
-    metrics["self_bleu"] = self_bleu(texts, config.self_bleu_samples)
+        metrics[f"distinct_{n}_per_sample"] = distinct_n_per_sample(texts, n)
+    metrics["self_bleu"] = self_bleu(texts, config.self_bleu_samples, seed=seed)
     metrics["mean_length"] = mean_estimate(lengths)
     advance(1)
 
@@ -181,6 +184,9 @@ def audit_model(
     }
     violations = int(np.count_nonzero(~np.isfinite(log_ratios)))
     info = {"violations": violations, "violation_rate": violations / len(texts)}
+    warnings = precision_warnings(policy, base)
+    if warnings:
+        info["warnings"] = warnings
     return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, batch, info)
 
 
@@ -209,6 +215,25 @@ def attach_exact_values(audit: ModelAudit, exact: dict[str, float]) -> None:
     for name, estimate in audit.metrics.items():
         if name in exact:
             audit.metrics[name] = replace(estimate, exact=exact[name])
+
+
+def precision_warnings(policy, base) -> list[str]:
+    """Warn when the policy and the base model hold their weights in different dtypes.
+
+    Two copies of one model loaded in different dtypes give slightly
+    different log-probs, so their KL is not exactly 0 and the divergence
+    estimates carry that rounding gap. Each warning is also logged.
+    """
+    policy_dtype, base_dtype = model_dtype(policy), model_dtype(base)
+    if policy_dtype == base_dtype:
+        return []
+    message = (
+        f"the policy's weights are {str(policy_dtype).removeprefix('torch.')} and the base model's are "
+        f"{str(base_dtype).removeprefix('torch.')}: log-ratios between them include rounding differences; "
+        "load both in the same dtype for exact comparisons"
+    )
+    logger.warning(message)
+    return [message]
 
 
 def save_samples(columns: dict[str, list], path: Path) -> None:

@@ -213,3 +213,65 @@ def pareto_k(log_weights: np.ndarray) -> float:
         # such weights are bounded, so NaN here does not flag the estimate.
         return math.nan
     return _generalized_pareto_fit(tail[tail > 0])
+
+
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """Self-normalized importance weights w_i/Σw with their Kish effective sample size."""
+
+    normalized: np.ndarray
+    """float64 weights that sum to 1; all NaN when every weight is 0."""
+    effective_sample_size: float
+
+
+def self_normalized_weights(log_weights) -> ImportanceWeights:
+    """Normalize importance weights given as log-weights, in float64 whatever the input dtype.
+
+    The log-weights are cast to float64 and shifted by their maximum before
+    exponentiating: exp(−107) underflows to 0 in float32, so exponentiating
+    the raw values would give 0/0. Accepts NumPy arrays, lists and torch
+    tensors of any float dtype; −inf is a zero weight.
+    """
+    log_weights = _log_weights_as_float64(log_weights)
+    peak = log_weights.max() if log_weights.size else -math.inf
+    if peak == -math.inf:
+        return ImportanceWeights(np.full(log_weights.shape, math.nan), 0.0)
+    if math.isnan(peak) or peak == math.inf:
+        raise ValueError(f"log-weights must be finite or −inf, got maximum {peak}")
+    scaled = np.exp(log_weights - peak)
+    normalized = scaled / scaled.sum()
+    return ImportanceWeights(normalized, float(1.0 / np.square(normalized).sum()))
+
+
+@dataclass(frozen=True)
+class ClippedWeights:
+    """Importance weights clipped at a maximum, reported beside the raw weights."""
+
+    raw: np.ndarray
+    """The weights before clipping (float64, not normalized)."""
+    clipped: np.ndarray
+    """min(raw, max_weight)."""
+    max_weight: float
+    clipped_fraction: float
+    """Fraction of weights that the clip changed; an estimate from clipped weights is biased by that share."""
+
+
+def clip_importance_weights(log_weights, max_weight: float) -> ClippedWeights:
+    """Clip importance weights exp(log_weights) at ``max_weight`` and count how many were clipped.
+
+    Clipping bounds the variance of an importance-sampling estimate at the
+    cost of a bias, so every clipped estimate must be reported with its
+    clipped fraction and next to the value from the raw weights.
+    """
+    if not max_weight > 0:
+        raise ValueError(f"max_weight must be positive, got {max_weight}; choose a clip level above 0")
+    raw = np.exp(_log_weights_as_float64(log_weights))
+    clipped = np.minimum(raw, max_weight)
+    fraction = float(np.count_nonzero(raw > max_weight) / raw.size) if raw.size else 0.0
+    return ClippedWeights(raw, clipped, float(max_weight), fraction)
+
+
+def _log_weights_as_float64(log_weights) -> np.ndarray:
+    if hasattr(log_weights, "detach"):
+        log_weights = log_weights.detach().cpu().double().numpy()
+    return np.asarray(log_weights, dtype=np.float64).reshape(-1)

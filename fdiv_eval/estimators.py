@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fdiv_eval.divergences import FDivergence
-from fdiv_eval.errors import EstimationError
+from fdiv_eval.errors import EstimationError, InvalidInputError
 from fdiv_eval.estimates import (
     Z_95,
     Estimate,
@@ -30,6 +30,7 @@ from fdiv_eval.estimates import (
     normal_estimate,
     pareto_k,
     rate_estimate,
+    self_normalized_weights,
     wilson_interval,
 )
 
@@ -268,3 +269,83 @@ def model_divergence(divergence: FDivergence, log_ratios, sampled_from: str) -> 
 def constraint_satisfaction(indicators) -> Estimate:
     """E_π[b] for a boolean feature b, with a Wilson interval."""
     return rate_estimate(indicators)
+
+
+KL_ESTIMATORS = ("plain", "k3")
+"""Per-sample forms of KL(π‖π0) under x ∼ π: ``plain`` is log π − log π0, ``k3`` is r − 1 − log r with r = π0/π."""
+
+
+def kl_terms(log_policy, log_base, estimator: str) -> np.ndarray:
+    """Return per-sample terms whose expectation under x ∼ π is KL(π‖π0).
+
+    With r = π0(x)/π(x): ``plain`` is −log r, which is negative for every
+    sample that π0 favours, and ``k3`` is r − 1 − log r ≥ 0, with the same
+    expectation because E_π[r] = 1. Both need x drawn from π itself.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise InvalidInputError(f"unknown KL estimator {estimator!r}; choose one of: {', '.join(KL_ESTIMATORS)}")
+    log_r = _as_float64(log_base) - _as_float64(log_policy)
+    if estimator == "plain":
+        return -log_r
+    # expm1 keeps r − 1 − log r accurate (and ≥ 0) when r is close to 1.
+    return np.expm1(log_r) - log_r
+
+
+def mean_over_sequences(values, lengths, method: str = "mean+clt") -> Estimate:
+    """Average per-sequence values over the sequences that have at least one generated token.
+
+    A sequence of length 0 has no token to score, so its value (0 from an
+    empty masked sum) carries no information about the model: it is left out of the
+    mean and counted in a note, and ``n`` is the number of sequences kept.
+    """
+    values = _as_float64(values)
+    lengths = np.asarray(lengths).reshape(-1)
+    if values.size != lengths.size:
+        raise InvalidInputError(f"got {values.size} values and {lengths.size} lengths; give one length per value")
+    kept = lengths > 0
+    estimate = mean_estimate(values[kept], method=method)
+    excluded = int(values.size - kept.sum())
+    if excluded:
+        estimate = estimate.with_notes(f"{excluded} of {values.size} sequences have no generated token and are excluded")
+    return estimate
+
+
+def kl_to_base(log_policy, log_base, estimator: str = "plain", log_proposal=None, lengths=None) -> Estimate:
+    """Estimate the sequence-level KL(π‖π0) from scored samples.
+
+    Without ``log_proposal`` the samples must come from π, and the value is
+    the mean of ``kl_terms``. With ``log_proposal`` (log q of each sample
+    under the distribution that drew it), the terms are reweighted by
+    self-normalized importance weights π/q, which is consistent whenever q
+    puts mass wherever π does. A proposal that misses part of π's support
+    (greedy decoding, top-k) cannot be corrected by any weights.
+    ``lengths`` excludes sequences with no generated token.
+    """
+    terms = kl_terms(log_policy, log_base, estimator)
+    keep = np.ones(terms.size, dtype=bool) if lengths is None else np.asarray(lengths).reshape(-1) > 0
+    if log_proposal is None:
+        if lengths is None:
+            return mean_estimate(terms, method=f"kl-{estimator}+clt")
+        return mean_over_sequences(terms, lengths, method=f"kl-{estimator}+clt")
+
+    log_weights = _as_float64(log_policy) - _as_float64(log_proposal)
+    if log_weights.size != terms.size:
+        raise InvalidInputError(
+            f"got {log_weights.size} proposal log-probs for {terms.size} samples; give one per sample"
+        )
+    terms, log_weights = terms[keep], log_weights[keep]
+    method = f"kl-{estimator}+self-normalized-importance-sampling"
+    weights = self_normalized_weights(log_weights)
+    if terms.size == 0 or not math.isfinite(weights.effective_sample_size) or weights.effective_sample_size == 0:
+        return Estimate(math.nan, math.nan, math.nan, math.nan, int(terms.size), method)
+    value = float((weights.normalized * terms).sum())
+    # Delta method for a ratio estimator: se² = Σ w̄ᵢ²·(termᵢ − value)².
+    standard_error = math.sqrt(float((weights.normalized**2 * (terms - value) ** 2).sum()))
+    estimate = normal_estimate(
+        value, standard_error, int(terms.size), method,
+        effective_sample_size=weights.effective_sample_size, pareto_k=pareto_k(log_weights),
+    )
+    excluded = int((~keep).sum())
+    if excluded:
+        estimate = estimate.with_notes(f"{excluded} of {keep.size} sequences have no generated token and are excluded")
+    return estimate

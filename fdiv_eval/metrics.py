@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fdiv_eval.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class MetricInfo:
@@ -35,6 +37,8 @@ METRICS: dict[str, MetricInfo] = {
     "constraint_satisfaction": MetricInfo("E_π[b]", "higher", "fraction",
                                           "fraction of samples that satisfy the constraint"),
     "kl_to_base": MetricInfo("KL(π‖π0)", "none", "nats", "drift from the base model, sequence-level estimator"),
+    "kl_to_base_k3": MetricInfo("KL(π‖π0) k3", "none", "nats",
+                                "drift from the base model, mean of r − 1 − log r with r = π0/π (never negative per sample)"),
     "kl_to_base_tokenwise": MetricInfo("KL(π‖π0) tok", "none", "nats",
                                        "drift from the base model, sum of exact per-token KLs along sampled prefixes"),
     "sequence_entropy": MetricInfo("H(π)", "none", "nats", "entropy of the model's sequence distribution"),
@@ -42,7 +46,14 @@ METRICS: dict[str, MetricInfo] = {
     "distinct_1": MetricInfo("dist-1", "none", "fraction", "corpus-level distinct unigrams"),
     "distinct_2": MetricInfo("dist-2", "none", "fraction", "corpus-level distinct bigrams"),
     "distinct_3": MetricInfo("dist-3", "none", "fraction", "corpus-level distinct trigrams"),
-    "self_bleu": MetricInfo("Self-BLEU", "none", "0-100", "each sample's BLEU against the other samples"),
+    "distinct_1_per_sample": MetricInfo("dist-1/sample", "none", "fraction",
+                                        "mean over samples of each sample's distinct unigrams"),
+    "distinct_2_per_sample": MetricInfo("dist-2/sample", "none", "fraction",
+                                        "mean over samples of each sample's distinct bigrams"),
+    "distinct_3_per_sample": MetricInfo("dist-3/sample", "none", "fraction",
+                                        "mean over samples of each sample's distinct trigrams"),
+    "self_bleu": MetricInfo("Self-BLEU", "none", "fraction",
+                            "mean BLEU-4 (0 to 1) of each sample against all the other samples"),
     "mean_length": MetricInfo("length", "none", "tokens", "mean generated length, EOS included"),
     "reward": MetricInfo("E_π[r]", "higher", "reward", "mean reward of the model's samples"),
     "target_reward": MetricInfo("E_p[r]", "none", "reward",
@@ -82,3 +93,43 @@ def metric_info(name: str) -> MetricInfo:
 
 def arrow(direction: str) -> str:
     return {"lower": "↓", "higher": "↑"}.get(direction, "")
+
+
+def metric_convention(report: dict, name: str, model: str) -> dict[str, str]:
+    """Return what fixes the meaning of a metric's number in a report.
+
+    That is the report's conventions (log base, JS and TV forms), the
+    metric's unit and description, and the ``key=value`` settings in its
+    estimate's method, such as the tokenizer of distinct-n and Self-BLEU.
+    """
+    info = report.get("metrics", {}).get(name, {})
+    entries = {entry["name"]: entry for entry in report.get("models", [])}
+    if model not in entries or name not in entries[model].get("metrics", {}):
+        raise InvalidInputError(f"the report has no metric {name!r} for model {model!r}")
+    method = str(entries[model]["metrics"][name].get("method", ""))
+    settings = sorted(part for part in method.replace("+", ",").split(",") if "=" in part)
+    return {
+        "conventions": str(report.get("conventions", "")),
+        "unit": str(info.get("unit", "")),
+        "description": str(info.get("description", "")),
+        "settings": ",".join(settings),
+    }
+
+
+def require_same_convention(name: str, first: tuple[dict, str], second: tuple[dict, str]) -> None:
+    """Raise InvalidInputError unless two reported values of ``name`` share one convention.
+
+    ``first`` and ``second`` are (report, model name) pairs. A comparison of
+    numbers computed under different conventions (a Self-BLEU on 0–100 against
+    one on 0–1, distinct-n under two tokenizers) would look like a change of
+    the model, so reports and CI checks call this before comparing.
+    """
+    left = metric_convention(first[0], name, first[1])
+    right = metric_convention(second[0], name, second[1])
+    differing = [key for key in left if left[key] != right[key]]
+    if differing:
+        details = "; ".join(f"{key}: {left[key]!r} vs {right[key]!r}" for key in differing)
+        raise InvalidInputError(
+            f"metric {name!r} of {first[1]!r} and {second[1]!r} was computed under different conventions "
+            f"({details}); recompute both with the same version and settings before comparing them"
+        )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -115,7 +115,7 @@ def default_prompt(tokenizer) -> torch.Tensor:
     return torch.tensor([token], dtype=torch.long)
 
 
-def ancestral_generation_config(max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int):
+def ancestral_generation_config(max_new_tokens: int, eos_token_id: int | Sequence[int], pad_token_id: int):
     """A generation config for pure ancestral sampling that overrides the checkpoint's settings."""
     from transformers import GenerationConfig
 
@@ -131,19 +131,44 @@ def ancestral_generation_config(max_new_tokens: int, eos_token_id: int | list[in
         num_beams=1,
         max_new_tokens=max_new_tokens,
         min_new_tokens=0,
-        eos_token_id=eos_token_id,
+        eos_token_id=eos_token_id if isinstance(eos_token_id, int) else list(eos_token_id),
         pad_token_id=pad_token_id,
         use_cache=True,
     )
 
 
-def _lengths_from_eos(generated: torch.Tensor, eos_token_id: int | list[int], width: int) -> torch.Tensor:
-    """Length of each row up to and including its first stop token, or ``width`` when it has none."""
-    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    is_eos = torch.isin(generated, stop_ids)
+def lengths_from_eos(generated: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    """Return the length of each row [B] up to and including its first EOS.
+
+    ``eos_token_ids`` is one id or several (a model may stop on any of them).
+    A row without EOS, which reached ``max_new_tokens``, keeps its full width.
+    Tokens after the first EOS (padding, which may equal EOS) never count.
+    """
+    ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    if not ids:
+        raise InvalidInputError("eos_token_ids is empty; give at least one EOS token id")
+    width = generated.shape[1]
+    is_eos = torch.isin(generated, torch.tensor(ids, dtype=generated.dtype))
     has_eos = is_eos.any(dim=1)
     first_eos = is_eos.int().argmax(dim=1)
     return torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, width))
+
+
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Return the boolean mask [B, width] that is true at the first ``lengths[b]`` positions of row b."""
+    positions = torch.arange(width, device=lengths.device).unsqueeze(0)
+    return positions < lengths.unsqueeze(1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum ``values`` over ``dim`` where ``mask`` is true, in float64.
+
+    Masked positions are selected out, not multiplied by 0, so a NaN, ±inf or
+    sentinel such as −1e9 at a padded position cannot reach the sum
+    (NaN·0 and inf·0 are NaN). Gradients flow only through kept positions.
+    """
+    kept = torch.where(mask, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+    return kept.sum(dim=dim)
 
 
 @torch.no_grad()
@@ -152,7 +177,7 @@ def sample(
     prompt_ids: torch.Tensor,
     n: int,
     max_new_tokens: int,
-    eos_token_id: int | list[int],
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     batch_size: int = 256,
     seed: int | None = None,
@@ -160,8 +185,8 @@ def sample(
 ) -> SampleBatch:
     """Draw n continuations of ``prompt_ids`` by pure ancestral sampling.
 
-    ``eos_token_id`` may be a list of stop tokens; a sequence ends at the
-    first of any of them. When ``seed`` is given, the draws depend only on it (and the model);
+    ``eos_token_id`` is one id or a list of ids that each end a sequence.
+    When ``seed`` is given, the draws depend only on it (and the model);
     otherwise they continue torch's global random stream.
     """
     if n < 1:
@@ -183,9 +208,8 @@ def sample(
                 generation_config=config,
             )
             generated = output[:, prompt_ids.numel():]
-            lengths = _lengths_from_eos(generated, eos_token_id, generated.shape[1])
-            positions = torch.arange(generated.shape[1]).unsqueeze(0)
-            generated = generated.masked_fill(positions >= lengths.unsqueeze(1), pad_token_id)
+            lengths = lengths_from_eos(generated, eos_token_id)
+            generated = generated.masked_fill(~length_mask(lengths, generated.shape[1]), pad_token_id)
             parts.append(SampleBatch(prompt_ids, generated, lengths))
             if progress is not None:
                 progress(count)
@@ -207,8 +231,7 @@ def token_log_probs(model, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tens
     prompt_length = batch.prompt_ids.numel()
     prompt = batch.prompt_ids.unsqueeze(0).expand(count, -1)
     input_ids = torch.cat([prompt, batch.sequences], dim=1)
-    positions = torch.arange(width).unsqueeze(0)
-    mask = positions < batch.lengths.unsqueeze(1)
+    mask = length_mask(batch.lengths, width)
     attention_mask = torch.cat([torch.ones_like(prompt, dtype=torch.bool), mask], dim=1).long()
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # The logit at position i predicts token i + 1, so the continuation's
@@ -219,11 +242,29 @@ def token_log_probs(model, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tens
     return torch.log_softmax(logits, dim=-1), mask
 
 
+def top_k_log_probs(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Return the log-probs [..., V] of the distribution that top-k sampling draws from.
+
+    The k largest logits are renormalized and every other token gets −inf.
+    These are the decoding distribution's log-probs, which differ from the
+    model's: score samples drawn with top-k by this function (or pass it as the
+    proposal log-prob), never label it the model's log-prob. Ties at the k-th
+    logit keep every tied token, as ``transformers``' top-k warper does.
+    """
+    vocabulary = logits.shape[-1]
+    if not 1 <= top_k <= vocabulary:
+        raise InvalidInputError(f"top_k must be between 1 and the vocabulary size {vocabulary}, got {top_k}")
+    logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+    threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    kept = logits.masked_fill(logits < threshold, -torch.inf)
+    return torch.log_softmax(kept, dim=-1)
+
+
 def sequence_log_probs_with_grad(model, batch: SampleBatch) -> torch.Tensor:
     """Return log π(x) per sequence [B] in float64, keeping the autograd graph."""
     log_probs, mask = token_log_probs(model, batch)
     chosen = log_probs.gather(-1, batch.sequences.unsqueeze(-1)).squeeze(-1)
-    return (chosen.double() * mask).sum(dim=1)
+    return masked_sum(chosen, mask)
 
 
 @dataclass
@@ -252,9 +293,9 @@ def score(model, batch: SampleBatch, batch_size: int = 256, progress: ProgressCa
     for part in batch.batches(batch_size):
         log_probs, mask = token_log_probs(model, part)
         chosen = log_probs.gather(-1, part.sequences.unsqueeze(-1)).squeeze(-1)
-        log_prob_parts.append((chosen.double() * mask).sum(dim=1))
+        log_prob_parts.append(masked_sum(chosen, mask))
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-        entropy_parts.append((entropy.double() * mask).sum(dim=1))
+        entropy_parts.append(masked_sum(entropy, mask))
         if progress is not None:
             progress(len(part))
     return SequenceScores(torch.cat(log_prob_parts), torch.cat(entropy_parts))
@@ -286,18 +327,18 @@ def score_pair(
         entropy = -(policy_probs * policy_log_probs).sum(dim=-1)
         policy_parts.append(
             SequenceScores(
-                (policy_log_probs.gather(-1, index).squeeze(-1).double() * mask).sum(dim=1),
-                (entropy.double() * mask).sum(dim=1),
+                masked_sum(policy_log_probs.gather(-1, index).squeeze(-1), mask),
+                masked_sum(entropy, mask),
             )
         )
         base_entropy = -(base_log_probs.exp() * base_log_probs).sum(dim=-1)
         base_parts.append(
             SequenceScores(
-                (base_log_probs.gather(-1, index).squeeze(-1).double() * mask).sum(dim=1),
-                (base_entropy.double() * mask).sum(dim=1),
+                masked_sum(base_log_probs.gather(-1, index).squeeze(-1), mask),
+                masked_sum(base_entropy, mask),
             )
         )
-        kl_parts.append((token_kl.double() * mask).sum(dim=1))
+        kl_parts.append(masked_sum(token_kl, mask))
         if progress is not None:
             progress(len(part))
 
@@ -313,3 +354,89 @@ def decode(tokenizer, batch: SampleBatch) -> list[str]:
     for row, length in zip(batch.sequences.tolist(), batch.lengths.tolist()):
         texts.append(tokenizer.decode(row[:length], skip_special_tokens=True))
     return texts
+
+
+def model_dtype(model) -> torch.dtype:
+    """Return the floating-point dtype of a model's parameters."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def score_continuations(
+    model,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_token_id: int,
+    max_length: int | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Return log π(continuation | context) per row [B] in float64.
+
+    Each row is its context followed by its continuation. Only the
+    continuation's tokens are scored: the first one is predicted from the last
+    context token, and no context token enters the sum. When a row is longer
+    than ``max_length``, its context is truncated from the left, so the tokens
+    nearest the continuation stay. Rows are left-padded to a common width with
+    position ids that restart at 0 on each row's first real token, so a row
+    scores the same alone or in any batch. Padding is masked from lengths, so
+    ``pad_token_id`` may be a real token.
+    """
+    if len(contexts) != len(continuations):
+        raise InvalidInputError(
+            f"got {len(contexts)} contexts and {len(continuations)} continuations; give one context per continuation"
+        )
+    rows = [_context_and_continuation(index, context, continuation, max_length)
+            for index, (context, continuation) in enumerate(zip(contexts, continuations))]
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            parts.append(_score_left_padded(model, rows[start : start + batch_size], pad_token_id))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _context_and_continuation(
+    index: int, context: Sequence[int], continuation: Sequence[int], max_length: int | None
+) -> tuple[list[int], int]:
+    """Return one row's token ids (truncated context + continuation) and its continuation length."""
+    context, continuation = list(context), list(continuation)
+    if not context:
+        raise InvalidInputError(
+            f"row {index} has an empty context; give at least one context token (for example BOS), "
+            "because the first continuation token is predicted from it"
+        )
+    if not continuation:
+        raise InvalidInputError(f"row {index} has an empty continuation; give at least one token to score")
+    if max_length is not None:
+        if max_length < len(continuation) + 1:
+            raise InvalidInputError(
+                f"max_length {max_length} cannot hold row {index}'s {len(continuation)} continuation tokens "
+                f"and one context token; raise max_length to at least {len(continuation) + 1}"
+            )
+        context = context[-(max_length - len(continuation)) :]
+    return context + continuation, len(continuation)
+
+
+def _score_left_padded(model, rows: list[tuple[list[int], int]], pad_token_id: int) -> torch.Tensor:
+    """Score the continuations of one left-padded batch; see ``score_continuations``."""
+    width = max(len(ids) for ids, _ in rows)
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    continuation_lengths = torch.tensor([length for _, length in rows])
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for row, (ids, _) in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+
+    # Left padding: row b's real tokens occupy positions width − lengths[b] .. width − 1.
+    attention_mask = length_mask(lengths, width).flip(1)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids).logits
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+
+    # The logit at position i predicts token i + 1: targets are positions 1 .. width − 1.
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = input_ids[:, 1:]
+    chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    is_continuation = length_mask(continuation_lengths, width - 1).flip(1)
+    return masked_sum(chosen, is_continuation)

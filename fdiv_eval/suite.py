@@ -128,7 +128,7 @@ class AuditConfig:
     batch_size: int = 256
     """Sequences per generate call and per scoring pass."""
     self_bleu_samples: int = 200
-    """Self-BLEU compares each of this many samples against the others."""
+    """Self-BLEU uses at most this many samples: a random subset, drawn with the model's seed, of larger samples."""
     bootstrap_resamples: int = 200
     """Resamples for the standard errors of distinct-n."""
     seed: int = 1234

@@ -52,13 +52,7 @@ from fdiv_eval.sequences import (
 )
 from fdiv_eval.target_metrics import policy_target_metrics
 from fdiv_eval.targets import PointwiseTarget
-from trainers.losses import (
-    log_ratio_to_target,
-    pseudo_rewards,
-    subtract_baseline,
-    surrogate_loss,
-    update_log_partition,
-)
+from trainers.losses import LOGGED_ESTIMATORS, fdpg_loss, update_log_partition
 
 logger = logging.getLogger(__name__)
 
@@ -340,15 +334,11 @@ def train_policy(
         log_z_per_sample = torch.cat(log_z_rows)
         log_z = float(log_z_per_sample.mean())
 
-        # 4-5. Pseudo-reward −f′(π_θ/p) and a baseline within each prompt's samples.
-        log_ratio = log_ratio_to_target(log_policy, log_target, log_z_per_sample)
-        rewards = pseudo_rewards(divergence, log_ratio)
-        advantages = torch.cat([subtract_baseline(part, config.baseline) for part in torch.split(rewards, groups)])
-
-        # 6. Surrogate loss and one clipped optimizer step.
-        loss = surrogate_loss(advantages, log_policy)
+        # 4-6. Pseudo-reward −f′(π_θ/p) with each prompt's log Ẑ_c, a baseline within
+        # each prompt's samples, the surrogate loss, and one clipped optimizer step.
+        step_loss = fdpg_loss(divergence, log_policy, log_target, log_z_per_sample, config.baseline, groups)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
         optimizer.step()
 
@@ -359,9 +349,7 @@ def train_policy(
         )
         metrics = {
             "step": step,
-            "train/loss": loss.item(),
-            "train/pseudo_reward_mean": float(rewards.mean()),
-            "train/pseudo_reward_std": float(rewards.std()),
+            **step_loss.log_record(),
             "train/log_partition": log_z,
             "train/constraint_satisfaction": float(satisfied.mean()),
             "train/kl_to_base": float((log_policy.detach() - log_base).mean()),
@@ -371,6 +359,7 @@ def train_policy(
             "train/learning_rate": optimizer.param_groups[0]["lr"],
             "time/step_seconds": time.perf_counter() - step_started,
             **target_batch_metrics(target, texts, None, log_policy.detach().numpy(), log_base.numpy()),
+            "estimators": {**LOGGED_ESTIMATORS, f"train/{divergence.name}_on_batch": divergence_on_batch.method},
         }
         with log_path.open("a") as stream:
             stream.write(json.dumps(_finite_or_string(metrics)) + "\n")

@@ -11,6 +11,8 @@ E_π[∇ log π] = 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fdiv_eval.divergences import FDivergence
@@ -62,3 +64,56 @@ def update_log_partition(log_sum: float, count: int, log_weights: torch.Tensor) 
     """
     batch_log_sum = float(torch.logsumexp(log_weights.double(), dim=0))
     return float(torch.logaddexp(torch.tensor(log_sum, dtype=torch.float64), torch.tensor(batch_log_sum, dtype=torch.float64))), count + log_weights.numel()
+
+
+LOGGED_ESTIMATORS = {
+    "train/loss": "surrogate −mean((R − b)·log π_θ(x)), the tensor that is backpropagated",
+    "train/pseudo_reward_mean": "mean of R = −f′(π_θ/p) over the batch, R as used in the loss",
+    "train/pseudo_reward_std": "standard deviation (n − 1) of R over the batch",
+    "train/log_partition": "running log Ẑ: logsumexp of all log P − log q so far, minus log count",
+    "train/kl_to_base": "kl-plain: mean(log π_θ − log π0) over the batch, x ∼ π_θ",
+}
+"""Estimator of each quantity in a training log record, by key; every record stores it beside the values."""
+
+
+@dataclass
+class FDPGLoss:
+    """The loss of one f-DPG step and the per-sample tensors it was built from."""
+
+    loss: torch.Tensor
+    """Scalar surrogate loss; its gradient is the f-DPG gradient estimate."""
+    log_ratio: torch.Tensor
+    """log t = log π_θ − log p per sample (detached, float64)."""
+    pseudo_rewards: torch.Tensor
+    advantages: torch.Tensor
+
+    def log_record(self) -> dict[str, float]:
+        """Return the logged values, read from the same tensors that the optimizer uses."""
+        return {
+            "train/loss": float(self.loss.detach()),
+            "train/pseudo_reward_mean": float(self.pseudo_rewards.mean()),
+            "train/pseudo_reward_std": float(self.pseudo_rewards.std()),
+        }
+
+
+def fdpg_loss(
+    divergence: FDivergence,
+    log_policy: torch.Tensor,
+    log_unnormalized_target: torch.Tensor,
+    log_partition: float | torch.Tensor,
+    baseline: str,
+    groups: list[int] | None = None,
+) -> FDPGLoss:
+    """Build the f-DPG surrogate loss of one batch: pseudo-rewards, baseline, loss.
+
+    ``log_partition`` is one log Ẑ or one per sample (each prompt has its own
+    Z_c). ``groups`` lists consecutive group sizes, one per prompt; the
+    baseline is computed within each group. The training loop backpropagates
+    ``loss`` and logs ``log_record()`` of the same object, so the logged loss
+    is the optimized one by construction.
+    """
+    log_ratio = log_ratio_to_target(log_policy, log_unnormalized_target, log_partition)
+    rewards = pseudo_rewards(divergence, log_ratio)
+    groups = groups or [rewards.numel()]
+    advantages = torch.cat([subtract_baseline(part, baseline) for part in torch.split(rewards, groups)])
+    return FDPGLoss(surrogate_loss(advantages, log_policy), log_ratio, rewards, advantages)
