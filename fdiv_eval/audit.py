@@ -218,11 +218,11 @@ def attach_exact_values(audit: ModelAudit, exact: dict[str, float]) -> None:
 
 
 def precision_warnings(policy, base) -> list[str]:
-    """Warn when the policy and the base model hold their weights in different dtypes.
+    """Return a warning, also logged, when the policy's and the base model's weights differ in dtype.
 
     Two copies of one model loaded in different dtypes give slightly
     different log-probs, so their KL is not exactly 0 and the divergence
-    estimates carry that rounding gap. Each warning is also logged.
+    estimates carry that rounding gap.
     """
     policy_dtype, base_dtype = model_dtype(policy), model_dtype(base)
     if policy_dtype == base_dtype:
