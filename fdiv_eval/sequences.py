@@ -280,8 +280,14 @@ LOGIT_BUDGET = 2**27
 """Most float32 logits (batch × length × vocabulary) held at once by a scoring pass, 512 MiB."""
 
 
-def fitting_batch_size(batch_size: int, width: int, vocabulary: int) -> int:
-    """Shrink ``batch_size`` so that one pass's full log-softmax stays within LOGIT_BUDGET."""
+def fitting_batch_size(batch_size: int, width: int, model) -> int:
+    """Shrink ``batch_size`` so that one pass's full log-softmax stays within LOGIT_BUDGET.
+
+    Models without a ``config.vocab_size`` keep the requested batch size.
+    """
+    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocabulary:
+        return batch_size
     return max(1, min(batch_size, LOGIT_BUDGET // max(1, width * vocabulary)))
 
 
@@ -289,7 +295,7 @@ def fitting_batch_size(batch_size: int, width: int, vocabulary: int) -> int:
 def score(model, batch: SampleBatch, batch_size: int = 256, progress: ProgressCallback | None = None) -> SequenceScores:
     """Score sequences with one model: log-prob and summed per-token entropy."""
     log_prob_parts, entropy_parts = [], []
-    batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], model.config.vocab_size)
+    batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], model)
     for part in batch.batches(batch_size):
         log_probs, mask = token_log_probs(model, part)
         chosen = log_probs.gather(-1, part.sequences.unsqueeze(-1)).squeeze(-1)
@@ -317,7 +323,7 @@ def score_pair(
         scores = score(policy, batch, batch_size, progress)
         return scores, scores, torch.zeros_like(scores.log_prob)
     policy_parts, base_parts, kl_parts = [], [], []
-    batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], policy.config.vocab_size)
+    batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], policy)
     for part in batch.batches(batch_size):
         policy_log_probs, mask = token_log_probs(policy, part)
         base_log_probs, _ = token_log_probs(base, part)
