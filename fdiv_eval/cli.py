@@ -78,7 +78,7 @@ def _contexts_from_suite(suite, suite_dir: Path | None, tokenizer):
     from fdiv_eval.prompts import build_contexts, load_prompts
 
     prompts = None if suite.prompts is None else load_prompts(suite.prompts, suite_dir)
-    return build_contexts(tokenizer, prompts)
+    return build_contexts(tokenizer, prompts, chat_template=suite.prompts is not None and suite.prompts.chat_template)
 
 
 def _train_config(suite, method: str, steps: int | None = None):
@@ -91,6 +91,7 @@ def _train_config(suite, method: str, steps: int | None = None):
         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, baseline=train.baseline,
         checkpoint_every=train.checkpoint_every, log_partition_samples=train.log_partition_samples,
         seed=train.seed, suite_hash=suite.content_hash(), prompts_per_step=train.prompts_per_step,
+        chat_template=suite.prompts is not None and suite.prompts.chat_template,
     )
 
 

@@ -77,21 +77,37 @@ def _read_prompt_file(file: str, column: str, base_dir: Path | None) -> list[str
     return [str(value) for value in dataset[name]]
 
 
-def encode_prompt(tokenizer, text: str) -> torch.Tensor:
-    """BOS (EOS when the tokenizer has no BOS) followed by the prompt's tokens, without special tokens."""
+def encode_prompt(tokenizer, text: str, chat_template: bool = False) -> torch.Tensor:
+    """Return the token ids that the model continues for one prompt.
+
+    Without ``chat_template``: BOS (EOS when the tokenizer has no BOS) and the
+    prompt's tokens. With it: the tokenizer's chat template applied to the
+    prompt as one user message, with the assistant turn opened, so the
+    continuation is the assistant's reply.
+    """
     from fdiv_eval.sequences import default_prompt
 
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInputError(
+                "prompts.chat_template is true but the base model's tokenizer has no chat template; "
+                "set prompts.chat_template to false"
+            )
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        return torch.tensor(ids, dtype=torch.long)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.cat([default_prompt(tokenizer), torch.tensor(ids, dtype=torch.long)])
 
 
-def build_contexts(tokenizer, prompts: list[str] | None) -> list[Context]:
+def build_contexts(tokenizer, prompts: list[str] | None, chat_template: bool = False) -> list[Context]:
     """Build one context per prompt, or the single unconditional context when ``prompts`` is None."""
     from fdiv_eval.sequences import default_prompt
 
     if prompts is None:
         return [Context(0, None, default_prompt(tokenizer))]
-    return [Context(index, text, encode_prompt(tokenizer, text)) for index, text in enumerate(prompts)]
+    return [Context(index, text, encode_prompt(tokenizer, text, chat_template)) for index, text in enumerate(prompts)]
 
 
 def per_prompt_count(total: int, prompt_count: int) -> int:

@@ -155,6 +155,8 @@ class PromptsConfig:
     """Column of ``file`` that holds the prompt text (``.txt`` files always use their lines)."""
     limit: int | None = None
     """Use only the first this many prompts of the file."""
+    chat_template: bool = False
+    """Wrap each prompt as a user message in the base tokenizer's chat template, assistant turn opened."""
 
 
 @dataclass(frozen=True)

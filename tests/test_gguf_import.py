@@ -71,3 +71,16 @@ def test_missing_package_is_reported():
 
     with pytest.raises(InvalidInputError, match="is not installed; install it with"):
         find_packaged_gguf("no_such_package_here")
+
+
+def test_chat_template_prompt_opens_assistant_turn(converted):
+    from fdiv_eval.prompts import build_contexts
+    from fdiv_eval.sequences import load_tokenizer
+
+    _, _, folder, _ = converted
+    tokenizer = load_tokenizer(str(folder))
+    context = build_contexts(tokenizer, ["Describe the weather today."], chat_template=True)[0]
+    text = tokenizer.decode(context.prompt_ids)
+    assert text.startswith("<|im_start|>")
+    assert "<|im_start|>user\nDescribe the weather today.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")

@@ -163,3 +163,12 @@ def test_one_prompt_statistics_match_unconditional_estimators():
         assert statistics[name](0, rows, base_rows) == pytest.approx(expected, rel=1e-12), name
     expected = forward_kl_from_base(base_log_potential, base_log_base - policy_on_base).value
     assert statistics["forward_kl_from_base"](0, rows, base_rows) == pytest.approx(expected, rel=1e-12)
+
+
+def test_chat_template_without_template_is_rejected(toy_checkpoint):
+    from fdiv_eval.errors import InvalidInputError
+    from fdiv_eval.sequences import load_tokenizer
+
+    tokenizer = load_tokenizer(toy_checkpoint)
+    with pytest.raises(InvalidInputError, match="has no chat template; set prompts.chat_template to false"):
+        build_contexts(tokenizer, ["a b"], chat_template=True)

@@ -88,6 +88,8 @@ class FDPGConfig:
     """Hash of the suite that asked for this run; stored in every checkpoint."""
     prompts_per_step: int = 8
     """With prompts: prompts drawn per step, each with batch_size // prompts_per_step samples."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template as a user message."""
 
 
 @dataclass
@@ -240,7 +242,7 @@ def train_policy(
     base = load_model(base_model)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
-    contexts = build_contexts(tokenizer, prompts)
+    contexts = build_contexts(tokenizer, prompts, config.chat_template)
 
     resume_from = _latest_checkpoint(output_dir)
     if resume_from is not None:
