@@ -50,6 +50,34 @@ def _distinct_ratio(ngram_lists: list[list[tuple[str, ...]]]) -> float:
     return len(unique) / total
 
 
+def _bootstrap_distinct_ratios(ngram_lists: list[list[tuple[str, ...]]], resamples: int, seed: int) -> np.ndarray:
+    """Distinct-n ratios of ``resamples`` bootstrap resamples of the texts, all at once.
+
+    A sparse text × n-gram incidence matrix turns each resample into
+    multiplicities w over texts: the resample's distinct n-grams are those
+    with (incidenceᵀ·w) > 0, and its n-gram total is w·counts.
+    """
+    from scipy.sparse import csr_matrix
+
+    count = len(ngram_lists)
+    rng = np.random.default_rng(seed)
+    multiplicities = np.stack([np.bincount(rng.integers(0, count, size=count), minlength=count)
+                               for _ in range(resamples)]).astype(np.float64)  # [R, texts]
+    index: dict[tuple[str, ...], int] = {}
+    rows, columns = [], []
+    for row, grams in enumerate(ngram_lists):
+        for gram in set(grams):
+            rows.append(row)
+            columns.append(index.setdefault(gram, len(index)))
+    totals = multiplicities @ np.array([len(grams) for grams in ngram_lists], dtype=np.float64)
+    if not index:
+        return np.full(resamples, np.nan)
+    incidence = csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(count, len(index)))
+    distinct = np.asarray((incidence.T @ multiplicities.T) > 0).sum(axis=0)  # [R]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, distinct / totals, np.nan)
+
+
 def distinct_n(
     texts: list[str], n: int, bootstrap_resamples: int = 200, seed: int = 0, tokenizer: str = "words"
 ) -> Estimate:
@@ -64,12 +92,7 @@ def distinct_n(
     split = _tokenizer(tokenizer)
     ngram_lists = [_ngrams(split(text), n) for text in texts]
     value = _distinct_ratio(ngram_lists)
-    rng = np.random.default_rng(seed)
-    replicates = []
-    for _ in range(bootstrap_resamples):
-        indices = rng.integers(0, len(texts), size=len(texts))
-        replicates.append(_distinct_ratio([ngram_lists[i] for i in indices]))
-    replicates = np.asarray(replicates, dtype=np.float64)
+    replicates = _bootstrap_distinct_ratios(ngram_lists, bootstrap_resamples, seed)
     replicates = replicates[np.isfinite(replicates)]
     standard_error = float(replicates.std(ddof=1)) if replicates.size > 1 else math.nan
     method = f"corpus-ratio+bootstrap-se,tokenizer={tokenizer}"

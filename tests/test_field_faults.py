@@ -442,3 +442,20 @@ def test_invalid_inputs_are_rejected():
         clip_importance_weights([0.0], max_weight=0.0)
     with pytest.raises(ValueError, match="log-weights must be finite or −inf"):
         self_normalized_weights([0.0, math.nan])
+
+
+def test_distinct_bootstrap_matches_direct_resampling():
+    # The vectorized bootstrap must give the same replicates as resampling texts one by one.
+    from fdiv_eval.diversity import _bootstrap_distinct_ratios, _distinct_ratio, _ngrams, words
+
+    rng = np.random.default_rng(3)
+    vocabulary = ["a", "b", "c", "d", "e"]
+    texts = [" ".join(rng.choice(vocabulary, size=rng.integers(0, 7))) for _ in range(40)]
+    ngram_lists = [_ngrams(words(text), 2) for text in texts]
+    fast = _bootstrap_distinct_ratios(ngram_lists, resamples=30, seed=11)
+    direct_rng = np.random.default_rng(11)
+    direct = []
+    for _ in range(30):
+        indices = direct_rng.integers(0, len(texts), size=len(texts))
+        direct.append(_distinct_ratio([ngram_lists[i] for i in indices]))
+    assert np.allclose(fast, np.asarray(direct), rtol=0, atol=1e-12, equal_nan=True)
