@@ -31,6 +31,10 @@ def progress_factory(console, enabled: bool = True) -> Iterator[Callable[[str, i
     if not enabled:
         yield lambda description, total: (lambda count: None)
         return
+    if not console.is_terminal:
+        # Logs and CI pipes cannot redraw a bar: print a line at each quarter instead.
+        yield lambda description, total: _line_progress(console, description, total)
+        return
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=False,
@@ -41,6 +45,22 @@ def progress_factory(console, enabled: bool = True) -> Iterator[Callable[[str, i
             return lambda count: progress.advance(task, count)
 
         yield start
+
+
+def _line_progress(console, description: str, total: int) -> Callable[[int], None]:
+    """Print ``description: done/total (elapsed)`` at the start and whenever another quarter completes."""
+    state = {"done": 0, "quarter": 0, "started": time.perf_counter()}
+    console.print(f"{description}: 0/{total}", highlight=False)
+
+    def advance(count: int) -> None:
+        state["done"] += count
+        quarter = 4 * state["done"] // max(total, 1)
+        if quarter > state["quarter"]:
+            state["quarter"] = quarter
+            elapsed = time.perf_counter() - state["started"]
+            console.print(f"{description}: {min(state['done'], total)}/{total} ({elapsed:.0f} s)", highlight=False)
+
+    return advance
 
 
 def _target_from_suite(suite, suite_dir: Path | None = None, base=None, tokenizer=None, console=None,
