@@ -1,7 +1,7 @@
 """Side-by-side comparison of audit reports: one document, four renderings.
 
-``build_comparison`` reads two or more report.json files, refuses reports
-whose conventions or experiment differ (naming the field), and gathers
+``build_comparison`` reads two or more report.json files and rejects reports
+whose conventions or experiment differ, naming the field. It then gathers
 everything the renderings show into one JSON-ready document: each model's
 estimates, the best model per metric, sample texts from the Parquet files,
 training curves from the trainer's ``train_log.jsonl``, a pairwise divergence
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 COMPARISON_VERSION = 1
 
 DECODING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
-"""Pure ancestral sampling, which every audit uses whatever the checkpoint's generation config says."""
+"""Pure ancestral sampling, which every audit uses whatever the checkpoint's generation config sets."""
 
 SAMPLE_TEXTS = 8
 """Sample texts per model in the comparison, the first ones of each samples file (a random subset)."""
@@ -76,8 +76,8 @@ def read_training_curve(path: Path) -> dict[str, list]:
     keys = []
     for record in records:
         for key in record:
-            wanted = key in CURVE_KEYS or key.endswith("_on_batch") or "reward" in key
-            if wanted and "std" not in key and key not in keys:
+            selected = key in CURVE_KEYS or key.endswith("_on_batch") or "reward" in key
+            if selected and "std" not in key and key not in keys:
                 keys.append(key)
     curve: dict[str, list] = {"step": [record.get("step") for record in records]}
     for key in keys:
@@ -235,8 +235,8 @@ def print_comparison(comparison: dict, console=None, metric_names=SUMMARY_METRIC
     console = console or Console()
     suite = comparison["compatibility"]["suite"]
     table = Table(
-        title=f"{suite}: {_count(len(comparison['models']), 'model')} from "
-              f"{_count(len(comparison['reports']), 'report')}",
+        title=f"{suite}: {count_noun(len(comparison['models']), 'model')} from "
+              f"{count_noun(len(comparison['reports']), 'report')}",
         caption="value [95% CI]; ↓ lower is better, ↑ higher is better; best per column in bold green; "
                 "(!) unreliable estimate (Pareto k̂ > 0.7 or ESS < 10)",
     )
@@ -260,7 +260,8 @@ def print_comparison(comparison: dict, console=None, metric_names=SUMMARY_METRIC
     console.print(table)
 
 
-def _count(number: int, noun: str) -> str:
+def count_noun(number: int, noun: str) -> str:
+    """Return '1 model' or '3 models'."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
@@ -279,7 +280,7 @@ def render_comparison_markdown(comparison: dict, metric_names=SUMMARY_METRICS) -
     lines = [
         f"## fdiv compare: {compatibility['suite']}",
         "",
-        f"{_count(len(comparison['models']), 'model')} from {_count(len(comparison['reports']), 'report')}. "
+        f"{count_noun(len(comparison['models']), 'model')} from {count_noun(len(comparison['reports']), 'report')}. "
         "Values are estimates with 95% confidence intervals; ↓ lower is better, ↑ higher is better; "
         "**bold** is the best value per metric; (!) marks an unreliable estimate (Pareto k̂ > 0.7 or ESS < 10).",
         "",

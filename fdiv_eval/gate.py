@@ -254,7 +254,7 @@ def paired_standard_errors(current: dict, current_folder: Path, baseline: dict,
 
 
 def report_folder(path: str | Path) -> Path:
-    """The folder of a report given as a report.json path or as its folder."""
+    """Return the folder of a report given as a report.json path or as its folder."""
     path = Path(path)
     return path if path.is_dir() else path.parent
 
@@ -271,7 +271,7 @@ def _unit(metric: str) -> str:
 
 
 def format_verdict(result: RuleResult) -> str:
-    """One line: FAIL or pass, model and metric, both values, the worsening with its bound and p-value."""
+    """Format one line: FAIL or pass, model and metric, both values, the worsening with its bound and p-value."""
     status = "FAIL" if result.failed else "pass"
     unit = _unit(result.metric)
     better = "lower is better" if result.direction == "lower" else "higher is better"
@@ -289,7 +289,7 @@ def format_verdict(result: RuleResult) -> str:
 
 
 def render_check_markdown(results: list[RuleResult], current_name: str, baseline_name: str) -> str:
-    """A Markdown summary for a pull-request comment or a CI step summary."""
+    """Render a Markdown summary for a pull-request comment or a CI step summary."""
     failures = [result for result in results if result.failed]
     headline = (f"**{len(failures)} of {len(results)} checks failed**" if failures
                 else f"**All {len(results)} checks passed**")
@@ -318,7 +318,7 @@ def render_check_markdown(results: list[RuleResult], current_name: str, baseline
 
 
 def render_junit(results: list[RuleResult], suite_name: str) -> str:
-    """JUnit XML with one test case per rule and model; failed rules carry their verdict line."""
+    """Render JUnit XML with one test case per rule and model, failed ones carrying their verdict line."""
     from xml.etree import ElementTree
 
     failures = sum(result.failed for result in results)

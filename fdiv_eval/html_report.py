@@ -3,7 +3,7 @@
 Every plot is a matplotlib PNG embedded as a base64 data URI and the styles
 are inline, so the page opens without network access. A short inline script
 marks each plot image as rendered once it has decoded and records the plots'
-positions in ``#plot-geometry``; the browser test reads both.
+positions in ``#plot-geometry``, so that a headless browser can check them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import math
 from typing import Any, Callable
 
+from fdiv_eval.compare import count_noun
 from fdiv_eval.estimates import Estimate, decode_float
 from fdiv_eval.report import format_estimate, format_number
 
@@ -84,7 +85,11 @@ def metric_chart(comparison: dict, metric: dict) -> str | None:
         return None
     figure, axes = plt.subplots(figsize=(4.2, 0.45 * len(rows) + 1.0))
     for position, (name, estimate) in enumerate(rows):
-        color = "#2b8a3e" if name in metric["best"] else ("#c77c02" if not estimate.reliable else "#1f4e99")
+        color = "#1f4e99"
+        if not estimate.reliable:
+            color = "#c77c02"
+        if name in metric["best"]:
+            color = "#2b8a3e"
         if math.isfinite(estimate.value):
             low = estimate.value - estimate.ci_low if math.isfinite(estimate.ci_low) else 0.0
             high = estimate.ci_high - estimate.value if math.isfinite(estimate.ci_high) else 0.0
@@ -147,17 +152,17 @@ _CURVE_PANELS = (
 
 
 def training_curves(comparison: dict) -> list[tuple[str, str]]:
-    """One plot per panel (divergence, constraint or reward, KL to base) with a line per trained model."""
+    """Plot one panel each for divergence, constraint or reward, and KL to base, with a line per trained model."""
     import matplotlib.pyplot as plt
 
     curves = [(model["name"], model["training_curve"]) for model in comparison["models"] if model.get("training_curve")]
     plots = []
-    for title, wanted in _CURVE_PANELS:
+    for title, selects in _CURVE_PANELS:
         figure, axes = plt.subplots(figsize=(6, 3.8))
         drawn = 0
         for name, curve in curves:
             for key in curve:
-                if key == "step" or not wanted(key):
+                if key == "step" or not selects(key):
                     continue
                 pairs = [(s, v) for s, v in zip(curve["step"], curve[key]) if s is not None and v is not None]
                 if not pairs:
@@ -340,8 +345,8 @@ def render_html(comparison: dict, progress: ProgressFactory | None = None) -> st
     suite = html.escape(comparison["compatibility"]["suite"])
     sections = [
         f"<h1>fdiv-eval comparison: {suite}</h1>",
-        f"<p class='muted'>{html.escape(comparison['generator'])}; {len(comparison['models'])} models from "
-        f"{len(comparison['reports'])} reports. Values are estimates with 95% confidence intervals; ↓ lower is "
+        f"<p class='muted'>{html.escape(comparison['generator'])}; {count_noun(len(comparison['models']), 'model')} "
+        f"from {count_noun(len(comparison['reports']), 'report')}. Values are estimates with 95% confidence intervals; ↓ lower is "
         "better, ↑ higher is better; the best value per metric is bold on green; (!) and orange mark an "
         "unreliable estimate (Pareto k̂ &gt; 0.7 or ESS &lt; 10).</p>",
         "<h2>Metrics</h2>", _metrics_table(comparison),
