@@ -231,6 +231,11 @@ def _command_compare(args, console) -> int:
 
     comparison = build_comparison(args.reports, runs_dirs=args.runs)
     print_comparison(comparison, console)
+    if args.output:
+        folder = Path(args.output)
+        args.markdown = args.markdown or str(folder / "comparison.md")
+        args.json = args.json or str(folder / "comparison.json")
+        args.html = args.html or str(folder / "comparison.html")
     written = []
     if args.markdown:
         write_atomic(Path(args.markdown), render_comparison_markdown(comparison))
@@ -345,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--markdown", metavar="PATH", help="write a Markdown comparison (for a pull-request comment)")
     compare.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with plots")
     compare.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
+    compare.add_argument("--output", metavar="DIR",
+                         help="write comparison.md, comparison.html and comparison.json into this folder")
     compare.add_argument("--runs", action="append", metavar="DIR",
                          help="folder of training runs (<DIR>/<method>/train_log.jsonl) for the training curves; "
                               "repeatable; default: the runs_dir recorded in each report")

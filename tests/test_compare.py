@@ -202,3 +202,34 @@ def test_compare_cli_rejects_incompatible(tmp_path, capsys):
 def test_compare_cli_missing_runs_folder(two_reports, capsys):
     assert main(["compare", str(two_reports[0]), "--runs", "nowhere"]) == 2
     assert "--runs folder 'nowhere' not found" in capsys.readouterr().err
+
+
+def test_pairwise_matrix_formats():
+    from fdiv_eval.html_report import pairwise_matrices
+
+    estimate = {"value": 0.5, "standard_error": 0.1}
+    plain = {"models": ["a", "b"], "matrix": [[0, 0.5], ["inf", 0]], "divergence": "js"}
+    assert pairwise_matrices(plain) == [("js", ["a", "b"], [[0.0, 0.5], [math.inf, 0.0]])]
+    nested = {"tv": {"models": ["a", "b"], "matrix": [[0, estimate], [estimate, 0]]}}
+    assert pairwise_matrices(nested) == [("tv", ["a", "b"], [[0.0, 0.5], [0.5, 0.0]])]
+    assert len(pairwise_matrices([plain, nested])) == 2
+    assert pairwise_matrices({"models": ["a", "b"], "matrix": [[0, 1]]}) == []
+    assert pairwise_matrices(None) == []
+    assert pairwise_matrices("js") == []
+
+
+def test_html_without_pairwise_or_logs(two_reports):
+    from fdiv_eval.html_report import render_html
+
+    page = render_html(build_comparison(two_reports))
+    assert "The reports carry no pairwise divergence matrix." in page
+    assert "No training log (train_log.jsonl) was found" in page
+    assert 'data-plot="pairwise:' not in page
+    assert page.count('data-plot="metric:') == 5
+    assert 'data-plot="scatter"' in page
+
+
+def test_compare_cli_output_folder(two_reports, capsys):
+    assert main(["--no-progress", "compare", *map(str, two_reports), "--output", "all"]) == 0
+    for name in ("comparison.md", "comparison.json", "comparison.html"):
+        assert Path("all", name).is_file(), name
