@@ -111,7 +111,7 @@ class CheckRule:
     metric: str
     """Metric key of the audit report, for example ``forward_kl`` or ``constraint_satisfaction``."""
     direction: str | None = None
-    """Which way is better: ``lower`` or ``higher``. Defaults to the metric's own direction;
+    """Better direction, ``lower`` or ``higher``. Defaults to the metric's own direction and is
     required for metrics without one (drift, diversity, length)."""
     tolerance: float = 0.0
     """Largest worsening that still passes, in the metric's unit (absolute, not relative)."""
