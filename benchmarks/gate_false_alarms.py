@@ -155,7 +155,7 @@ def _markdown(raw: dict, suite, method: str) -> str:
         "",
         f"Measured with `python benchmarks/gate_false_alarms.py --audits {raw['audits']}` on the suite "
         f"`{raw['suite']}` against the committed baseline `{raw['baseline']}`, with torch {raw['torch']} on "
-        f"{raw['cpu_threads']} CPU threads ({raw['elapsed_seconds']:.0f} s in all). Rules: {rules}.",
+        f"{raw['cpu_threads']} CPU thread(s) ({raw['elapsed_seconds']:.0f} s in all). Rules: {rules}.",
         "",
         "## Unchanged checkpoint, re-audited with other seeds",
         "",
