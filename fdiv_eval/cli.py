@@ -266,6 +266,11 @@ def _command_check(args, console) -> int:
     current = load_report(args.current)
     baseline = load_report(args.baseline)
     check_compatible(baseline["compatibility"], current["compatibility"], args.baseline, args.current)
+    if current["compatibility"]["suite"] != suite.name:
+        raise InvalidInputError(
+            f"the reports come from suite {current['compatibility']['suite']!r} but --suite {args.suite!r} is suite "
+            f"{suite.name!r}; pass the suite file that produced the reports"
+        )
     paired = {} if args.unpaired else paired_standard_errors(
         current, report_folder(args.current), baseline, report_folder(args.baseline))
     results = check_reports(suite.checks, current, baseline, paired)

@@ -237,6 +237,13 @@ def test_check_cli_invalid_inputs(tmp_path, capsys):
     assert main(["check", str(other_folder), "--baseline", str(baseline), "--suite", str(suite)]) == 2
     assert "compatibility.target.words differs" in " ".join(capsys.readouterr().err.split())
 
+    other_suite = _suite_file(tmp_path, [{"metric": "js"}])
+    data = yaml.safe_load(other_suite.read_text())
+    data["name"] = "elsewhere"
+    other_suite.write_text(yaml.safe_dump(data))
+    assert main(["check", str(baseline), "--baseline", str(baseline), "--suite", str(other_suite)]) == 2
+    assert "the reports come from suite 'demo'" in " ".join(capsys.readouterr().err.split())
+
     no_rules = _suite_file(tmp_path, [])
     assert main(["check", str(baseline), "--baseline", str(baseline), "--suite", str(no_rules)]) == 2
     assert "declares no checks" in capsys.readouterr().err
