@@ -209,7 +209,7 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     save_samples(base_sample_columns(base_sample, [a for a, _ in audits]), report_path / "samples" / "_base_sample.parquet")
 
     settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
-                "base_model": suite.base_model}
+                "base_model": suite.base_model, "runs_dir": str(suite.runs_path), "versions": _versions()}
     log_partition = base_sample.log_partition
     if exact_log_partition is not None:
         log_partition = dataclasses.replace(log_partition, exact=exact_log_partition)
@@ -295,8 +295,9 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
                         "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
     save_samples(conditional_base_columns(base_samples, [a for a, _ in audits]),
                  report_path / "samples" / "_base_sample.parquet")
-    settings = {"max_new_tokens": suite.max_new_tokens, "audit": vars(suite.audit).copy(),
-                "base_model": suite.base_model, "prompts": len(contexts)}
+    settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
+                "base_model": suite.base_model, "prompts": len(contexts), "runs_dir": str(suite.runs_path),
+                "versions": _versions()}
     report = build_report(suite.name, suite.content_hash(), target.describe(), mean_log_partition(base_samples),
                           entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1))
     write_json(report, report_path / "report.json")
@@ -371,6 +372,8 @@ def _command_audit(args, console) -> int:
 
         suite = dataclasses.replace(suite, audit=dataclasses.replace(suite.audit, **overrides))
         validate_suite(suite)
+    if args.seed is not None:
+        suite = dataclasses.replace(suite, audit=dataclasses.replace(suite.audit, seed=args.seed))
     models: list[tuple[str, str, str | None]] = []
     if not args.no_base:
         models.append(("base", suite.base_model, None))
@@ -395,12 +398,78 @@ def _command_audit(args, console) -> int:
     return EXIT_OK
 
 
-def _command_compare(args, console) -> int:
-    from fdiv_eval.report import load_report, print_table
+def _versions() -> dict:
+    import platform
 
-    for path in args.reports:
-        print_table(load_report(path), console)
+    import datasets
+    import torch
+    import transformers
+
+    from fdiv_eval import __version__
+
+    return {"fdiv_eval": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__}
+
+
+def _command_compare(args, console) -> int:
+    from fdiv_eval.compare import build_comparison, comparison_json, print_comparison, render_comparison_markdown
+    from fdiv_eval.report import write_atomic
+
+    comparison = build_comparison(args.reports, runs_dirs=args.runs)
+    print_comparison(comparison, console)
+    if args.output:
+        folder = Path(args.output)
+        args.markdown = args.markdown or str(folder / "comparison.md")
+        args.json = args.json or str(folder / "comparison.json")
+        args.html = args.html or str(folder / "comparison.html")
+    written = []
+    if args.markdown:
+        write_atomic(Path(args.markdown), render_comparison_markdown(comparison))
+        written.append(args.markdown)
+    if args.json:
+        write_atomic(Path(args.json), comparison_json(comparison))
+        written.append(args.json)
+    if args.html:
+        from fdiv_eval.html_report import render_html
+
+        with progress_factory(console, not args.no_progress) as start:
+            write_atomic(Path(args.html), render_html(comparison, progress=start))
+        written.append(args.html)
+    if written:
+        console.print(f"wrote {', '.join(written)}")
     return EXIT_OK
+
+
+def _command_check(args, console) -> int:
+    from fdiv_eval.gate import (
+        check_reports, format_verdict, paired_standard_errors, render_check_markdown, render_junit, report_folder,
+    )
+    from fdiv_eval.conventions import check_compatible
+    from fdiv_eval.report import load_report, write_atomic
+    from fdiv_eval.suite import load_suite
+
+    suite = load_suite(args.suite)
+    current = load_report(args.current)
+    baseline = load_report(args.baseline)
+    check_compatible(baseline["compatibility"], current["compatibility"], args.baseline, args.current)
+    if current["compatibility"]["suite"] != suite.name:
+        raise InvalidInputError(
+            f"the reports come from suite {current['compatibility']['suite']!r} but --suite {args.suite!r} is suite "
+            f"{suite.name!r}; pass the suite file that produced the reports"
+        )
+    paired = {} if args.unpaired else paired_standard_errors(
+        current, report_folder(args.current), baseline, report_folder(args.baseline))
+    results = check_reports(suite.checks, current, baseline, paired)
+    for result in results:
+        style = "bold red" if result.failed else "green"
+        console.print(format_verdict(result), style=style, highlight=False, soft_wrap=True)
+    failures = sum(result.failed for result in results)
+    console.print(f"{failures} of {len(results)} checks failed" if failures else f"all {len(results)} checks passed")
+    if args.markdown:
+        write_atomic(Path(args.markdown), render_check_markdown(results, args.current, args.baseline))
+    if args.junit:
+        write_atomic(Path(args.junit), render_junit(results, suite.name))
+    return EXIT_CHECK_FAILED if failures else EXIT_OK
 
 
 def _command_base_build(args, console) -> int:
@@ -475,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "methods under runs_dir")
     audit.add_argument("--no-base", action="store_true", help="do not audit the base model itself")
     audit.add_argument("--samples", type=int, help="policy samples per model (default: the suite's audit.samples)")
+    audit.add_argument("--seed", type=int, help="seed of the base and policy samples (default: the suite's audit.seed)")
     audit.add_argument("--output", help="report folder (default: the suite's report_dir)")
     audit.add_argument("--exact", action="store_true",
                        help="also compute every metric exactly by enumerating all sequences (small vocabularies "
@@ -483,9 +553,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest number of sequences --exact may enumerate (default: audit.exact_limit, 1000000)")
     audit.set_defaults(handler=_command_audit)
 
-    compare = commands.add_parser("compare", help="print the comparison table of one or more report.json files")
+    compare = commands.add_parser(
+        "compare", help="compare report.json files: terminal table, and optionally Markdown, HTML and JSON")
     compare.add_argument("reports", nargs="+", help="report.json files or the folders that hold them")
+    compare.add_argument("--markdown", metavar="PATH", help="write a Markdown comparison (for a pull-request comment)")
+    compare.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with plots")
+    compare.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
+    compare.add_argument("--output", metavar="DIR",
+                         help="write comparison.md, comparison.html and comparison.json into this folder")
+    compare.add_argument("--runs", action="append", metavar="DIR",
+                         help="folder of training runs (<DIR>/<method>/train_log.jsonl) for the training curves; "
+                              "repeatable; default: the runs_dir recorded in each report")
     compare.set_defaults(handler=_command_compare)
+
+    check = commands.add_parser(
+        "check", help="regression gate: test a current report against a baseline under the suite's checks "
+                      "(exit 0 all pass, 1 a check fails, 2 invalid input)")
+    check.add_argument("current", help="report.json (or its folder) of the audit under test")
+    check.add_argument("--baseline", required=True, help="report.json (or its folder) of the baseline audit")
+    check.add_argument("--suite", required=True, help="suite YAML whose `checks:` list holds the rules")
+    check.add_argument("--markdown", metavar="PATH", help="write a Markdown summary of the verdicts")
+    check.add_argument("--junit", metavar="PATH", help="write JUnit XML, one test case per check and model")
+    check.add_argument("--unpaired", action="store_true",
+                       help="treat the audits as independent even when they share the base sample")
+    check.set_defaults(handler=_command_check)
 
     base = commands.add_parser("base", help="the embedded Austen base model")
     base_commands = base.add_subparsers(dest="base_command", required=True, metavar="ACTION")

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from fdiv_eval import __version__
+from fdiv_eval.conventions import compatibility_record, record_from_legacy, unit_name
 from fdiv_eval.estimates import Estimate, encode_float
 from fdiv_eval.errors import InvalidInputError
 from fdiv_eval.metrics import METRICS, SUMMARY_METRICS, arrow, metric_info
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Version 1 lacks ``compatibility``; ``load_report`` derives it from the other fields."""
 
 CONVENTIONS = (
     "Natural logarithms; KL, JS and entropies in nats. JS is the Jensen-Shannon divergence "
@@ -49,12 +52,14 @@ def build_report(
         "created": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
         "suite": {"name": suite_name, "hash": suite_hash},
         "conventions": CONVENTIONS,
+        "compatibility": compatibility_record(suite_name, target, settings.get("base_model"),
+                                              settings.get("max_new_tokens")),
         "target": target,
         "settings": settings,
         "log_partition": log_partition.to_dict(),
         "metrics": {
             name: {"label": info.label, "direction": info.direction, "unit": info.unit,
-                   "description": info.description}
+                   "description": info.description, "name_with_unit": unit_name(name, info)}
             for name, info in METRICS.items()
         },
         "models": [
@@ -96,10 +101,13 @@ def load_report(path: str | Path) -> dict:
     except json.JSONDecodeError as error:
         raise InvalidInputError(f"report {str(path)!r} is not valid JSON: {error}") from error
     version = report.get("schema_version") if isinstance(report, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise InvalidInputError(
-            f"report {str(path)!r} has schema_version {version!r}; this fdiv-eval reads version {SCHEMA_VERSION}"
+            f"report {str(path)!r} has schema_version {version!r}; this fdiv-eval reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
         )
+    if "compatibility" not in report:
+        report["compatibility"] = record_from_legacy(report)
     return report
 
 
@@ -257,6 +265,7 @@ def target_parameters(target: dict) -> str:
 def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> None:
     """Print one row per model, each metric as value [95% CI], with ↓/↑ marking the better direction."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -269,7 +278,7 @@ def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> Non
     metric_names = [*metric_names, *(n for n in [*target_metric_names(report), "reward", "target_reward", "rlhf_objective"]
                                      if n not in metric_names and any(n in e["metrics"] for e in report["models"]))]
     for name in metric_names:
-        table.add_column(metric_header(name), justify="right")
+        table.add_column(escape(metric_header(name)), justify="right")
     for entry in report["models"]:
         estimates = model_estimates(entry)
         row = [entry["name"]]

@@ -160,6 +160,27 @@ class PromptsConfig:
 
 
 @dataclass(frozen=True)
+class CheckRule:
+    """One regression rule of ``fdiv check``: a metric may not get worse than the baseline's.
+
+    The rule fails only when the data show, at ``confidence``, that the
+    current value is worse than the baseline value by more than ``tolerance``.
+    """
+
+    metric: str
+    """Metric key of the audit report, for example ``forward_kl`` or ``constraint_satisfaction``."""
+    direction: str | None = None
+    """Better direction, ``lower`` or ``higher``. Defaults to the metric's own direction and is
+    required for metrics without one (drift, diversity, length)."""
+    tolerance: float = 0.0
+    """Largest worsening that still passes, in the metric's unit (absolute, not relative)."""
+    confidence: float = 0.95
+    """One-sided confidence that the worsening exceeds ``tolerance`` before the rule fails, in (0.5, 1)."""
+    model: str | None = None
+    """Model name (report row) the rule applies to; every model present in both reports when unset."""
+
+
+@dataclass(frozen=True)
 class Suite:
     """A whole experiment: base model, target, training and audit."""
 
@@ -177,6 +198,8 @@ class Suite:
     """Where checkpoints go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
     report_dir: str = "reports/{name}"
     """Where reports go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
+    checks: tuple[CheckRule, ...] = ()
+    """Regression rules that ``fdiv check`` applies to a current audit against a baseline audit."""
 
     @property
     def runs_path(self) -> Path:
@@ -190,8 +213,14 @@ class Suite:
         return dataclasses.asdict(self)
 
     def content_hash(self) -> str:
-        """SHA-256 of the suite's canonical JSON, first 16 hex digits."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, default=list)
+        """SHA-256 of the suite's canonical JSON, first 16 hex digits.
+
+        ``checks`` is left out: the rules change no checkpoint and no audit, so
+        editing them keeps resumable runs and comparable reports.
+        """
+        data = self.to_dict()
+        data.pop("checks", None)
+        canonical = json.dumps(data, sort_keys=True, default=list)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -316,6 +345,25 @@ def validate_suite(suite: Suite) -> None:
         get_divergence("alpha", alpha)
     _require(audit.bootstrap_resamples >= 10,
              f"suite field 'audit.bootstrap_resamples' must be at least 10, got {audit.bootstrap_resamples}")
+    for index, rule in enumerate(suite.checks):
+        validate_check_rule(rule, f"checks[{index}]")
+
+
+def validate_check_rule(rule: CheckRule, path: str) -> None:
+    """Check a rule's metric, direction, tolerance and confidence; ``path`` names it in errors."""
+    from fdiv_eval.metrics import METRICS
+
+    _require(rule.metric in METRICS,
+             f"suite field '{path}.metric' is {rule.metric!r}, not a metric of the audit; "
+             f"choose one of: {', '.join(METRICS)}")
+    direction = rule.direction or METRICS[rule.metric].direction
+    _require(direction in ("lower", "higher"),
+             f"suite field '{path}.direction' must be 'lower' or 'higher' for metric {rule.metric!r}, "
+             f"got {rule.direction!r}; state which way is better")
+    _require(math.isfinite(rule.tolerance) and rule.tolerance >= 0,
+             f"suite field '{path}.tolerance' must be a finite number of at least 0, got {rule.tolerance}")
+    _require(0.5 < rule.confidence < 1.0,
+             f"suite field '{path}.confidence' must lie strictly between 0.5 and 1, got {rule.confidence}")
 
 
 def _has_constraint(target: TargetConfig) -> bool:
