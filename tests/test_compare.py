@@ -158,7 +158,7 @@ def test_unit_names_carry_convention():
     assert unit_name("hellinger") == "hellinger_squared"
     assert unit_name("forward_kl") == "forward_kl_nats"
     assert unit_name("distinct_2") == "distinct_2_corpus"
-    assert unit_name("self_bleu") == "self_bleu_0_100"
+    assert unit_name("self_bleu") == "self_bleu"  # a fraction in [0, 1], like constraint_satisfaction
     assert unit_name("mean_length") == "mean_length_tokens"
     assert unit_name("constraint_satisfaction") == "constraint_satisfaction"
 

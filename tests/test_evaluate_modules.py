@@ -57,6 +57,7 @@ def test_diversity_module():
     # Unigrams: 9 in all, 6 distinct (the, cat, sat, dog, a, ran); bigrams: 6 in all, 6 distinct.
     assert result["distinct_1_corpus"] == pytest.approx(6 / 9)
     assert result["distinct_2_corpus"] == pytest.approx(1.0)
-    expected_bleu = np.mean([sacrebleu.sentence_bleu(text, [t for t in texts if t != text]).score for text in texts])
+    # Self-BLEU is a fraction in [0, 1]: sacrebleu's 0-100 sentence BLEU divided by 100.
+    expected_bleu = np.mean([sacrebleu.sentence_bleu(text, [t for t in texts if t != text]).score for text in texts]) / 100
     assert result["self_bleu"] == pytest.approx(expected_bleu)
     assert result["n"] == 3

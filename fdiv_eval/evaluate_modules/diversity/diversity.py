@@ -3,9 +3,9 @@
 Words are lower-cased runs of letters, digits and underscores, and single
 punctuation marks. ``distinct_N_corpus`` is unique N-grams over all N-grams
 pooled across the texts, with a seeded bootstrap standard error over texts.
-``self_bleu`` (0–100, sacrebleu) scores each of the first
-``self_bleu_samples`` texts against all the others; higher means less
-diverse. Both are the estimators of the fdiv-eval audit.
+``self_bleu`` (a fraction in [0, 1], by sacrebleu) scores each of
+``self_bleu_samples`` texts, a seeded random subset when there are more,
+against all the others; higher means less diverse. Both are the estimators of the fdiv-eval audit.
 """
 
 import datasets
