@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 EXTREMES_SHOWN = 3
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """Seed of one prompt's sample; distinct across prompts and across the per-model seeds of one audit."""
+    return seed * 1_000_003 + prompt_index
+
+
 @dataclass
 class PromptBaseSample:
     """The base-model sample of one prompt."""
@@ -57,7 +62,7 @@ def draw_conditional_base_sample(base, tokenizer, target, contexts: list[Context
     samples = []
     for context in contexts:
         batch = sample(base, context.prompt_ids, count, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, batch_size=config.batch_size, seed=config.seed + context.index)
+                       tokenizer.pad_token_id, batch_size=config.batch_size, seed=prompt_seed(config.seed, context.index))
         log_base = score(base, batch, batch_size=config.batch_size).log_prob.numpy()
         texts = _decode(tokenizer, batch)
         prompts = [context.text] * len(texts)
@@ -118,7 +123,7 @@ def audit_conditional_model(
     for base_sample in base_samples:
         context = base_sample.context
         batch = sample(policy, context.prompt_ids, count, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, batch_size=config.batch_size, seed=seed + context.index)
+                       tokenizer.pad_token_id, batch_size=config.batch_size, seed=prompt_seed(seed, context.index))
         policy_scores, base_scores, token_kl = score_pair(policy, base, batch, config.batch_size)
         on_base = score(policy, base_sample.batch, config.batch_size).log_prob.numpy()
         texts = _decode(tokenizer, batch)
