@@ -69,8 +69,8 @@ class ModelAudit:
     samples: dict[str, list]
     """Column name → values, one entry per policy sample (see ``save_samples``)."""
     log_prob_on_base_sample: np.ndarray
-    batch: SampleBatch
-    """The policy sample itself, kept for the pairwise divergences."""
+    batch: SampleBatch | None
+    """The policy sample itself, kept for the pairwise divergences (None for prompted audits)."""
     info: dict = field(default_factory=dict)
 
 

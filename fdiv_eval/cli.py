@@ -170,6 +170,8 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
 
     tokenizer = load_tokenizer(suite.base_model)
     base = load_model(suite.base_model)
+    if suite.audit.exact and suite.prompts is not None:
+        raise InvalidInputError("exact mode does not support prompts; set audit.exact to false or remove the prompts")
     if suite.audit.exact:
         from fdiv_eval.exact import count_sequences
 

@@ -170,8 +170,10 @@ def audit_conditional_model(
     }
     info = {"prompts": len(per_prompt), "samples_per_prompt": count, "base_samples_per_prompt": base_counts[0],
             "per_prompt": rows}
+    # NOTE: batch is None because each prompt was sampled as its own batch, so
+    # pairwise divergences between models are not computed for prompted suites.
     return ModelAudit(name, model_name, metrics, samples, np.concatenate([p.log_policy_on_base for p in per_prompt]),
-                      info)
+                      batch=None, info=info)
 
 
 def _self_normalized(values: np.ndarray, log_weights: np.ndarray) -> float | np.ndarray:
