@@ -3,8 +3,8 @@
 The bare cost is what any audit must pay: one ``generate`` call per batch with
 the KV cache, plus one teacher-forced forward pass over the generated batch.
 The audit is ``audit_model`` with the policy equal to the base model, so its
-extra work is the estimators and diversity metrics; the shared base sample
-for log Z is timed separately because an audit of several models pays it once.
+extra work is the estimators and diversity metrics. The shared base sample
+for log Z is timed separately, because an audit of several models pays it once.
 
 Usage::
 

@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(exit 0 all pass, 1 a check fails, 2 invalid input)")
     check.add_argument("current", help="report.json (or its folder) of the audit under test")
     check.add_argument("--baseline", required=True, help="report.json (or its folder) of the baseline audit")
-    check.add_argument("--suite", required=True, help="suite YAML whose `checks:` list holds the rules")
+    check.add_argument("--suite", required=True, help="suite YAML whose `checks:` list contains the rules")
     check.add_argument("--markdown", metavar="PATH", help="write a Markdown summary of the verdicts")
     check.add_argument("--junit", metavar="PATH", help="write JUnit XML, one test case per check and model")
     check.add_argument("--unpaired", action="store_true",
