@@ -179,7 +179,7 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
         count = count_sequences(len(tokenizer), suite.max_new_tokens)
         if count > suite.audit.exact_limit:
             raise InvalidInputError(
-                f"exact mode would enumerate {count:,} sequences (vocabulary {len(tokenizer)}, max_new_tokens "
+                f"exact mode would enumerate {count:.3g} sequences (vocabulary {len(tokenizer)}, max_new_tokens "
                 f"{suite.max_new_tokens}), over the limit of {suite.audit.exact_limit:,}: lower max_new_tokens "
                 "or raise audit.exact_limit (--exact-limit)"
             )
@@ -310,10 +310,12 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
 
 
 def _command_run(args, console) -> int:
+    from fdiv_eval.sequences import resolve_model_path
     from fdiv_eval.suite import load_suite
 
     started = time.perf_counter()
     suite = load_suite(args.suite)
+    resolve_model_path(suite.base_model)
     suite_dir = Path(args.suite).parent
     checkpoints = _train_methods(suite, suite.train.methods, console, not args.no_progress, suite.runs_path,
                                  suite_dir=suite_dir)
@@ -326,9 +328,15 @@ def _command_run(args, console) -> int:
 
 def _command_train(args, console) -> int:
     from fdiv_eval.divergences import get_divergence
+    from fdiv_eval.sequences import resolve_model_path
     from fdiv_eval.suite import load_suite
 
     suite = load_suite(args.suite)
+    if args.method and args.divergence:
+        raise InvalidInputError("--method and --divergence both choose what to train; give only one of them")
+    if args.steps is not None and args.steps < 1:
+        raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
+    resolve_model_path(suite.base_model)
     if args.divergence:
         get_divergence(args.divergence, args.alpha)
     methods = args.method or ([args.divergence] if args.divergence else list(suite.train.methods))
@@ -524,7 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="train every method of a suite, audit them and the base, write the report")
+    run = commands.add_parser(
+        "run", help="train every method of a suite, audit them and the base, write the report",
+        description="Train every method of the suite (resuming finished or interrupted runs), audit the base model "
+                    "and each policy, and write report.json, report.md and the sample files to the suite's "
+                    "report_dir. Divergences in nats; intervals are 95%% CIs.",
+    )
     run.add_argument("suite", help="path of a suite YAML file, for example suites/quickstart.yaml")
     run.set_defaults(handler=_command_run)
 

@@ -58,8 +58,11 @@ def load_gguf(gguf_path: Path):
             raise InvalidInputError(
                 f"reading GGUF files needs the {module!r} package; install it with `pip install 'fdiv-eval[gguf]'`"
             )
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, OSError) as error:
+        raise InvalidInputError(f"could not read {str(gguf_path)!r} as a GGUF model: {error}") from error
     model.eval()
     return model, tokenizer
 

@@ -401,6 +401,8 @@ def _validate_target(target: TargetConfig) -> None:
 
 
 def suite_from_dict(data: Any) -> Suite:
+    if data is None:
+        raise InvalidInputError("the suite file is empty; start from suites/quickstart.yaml")
     if not isinstance(data, dict):
         raise InvalidInputError(f"a suite must be a YAML mapping at the top level, got {type(data).__name__}")
     suite = _build(Suite, data)

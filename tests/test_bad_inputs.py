@@ -124,7 +124,7 @@ def test_audit_sample_count_option(tiny_suite, tmp_path, capsys):
 
 def test_train_zero_steps_option(tiny_suite, tmp_path, capsys):
     assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--steps", "0"]) == 2
-    _assert_usage_error(capsys, tmp_path, "steps must be at least 1, got 0")
+    _assert_usage_error(capsys, tmp_path, "--steps must be at least 1, got 0")
 
 
 def test_train_alpha_without_value(tiny_suite, tmp_path, capsys):
@@ -149,4 +149,26 @@ def test_compare_report_of_other_schema(tmp_path, capsys):
 def test_import_of_missing_gguf_file(tmp_path, capsys):
     assert main(["import-gguf", str(tmp_path / "out"), "--gguf", str(tmp_path / "model.gguf")]) == 2
     _assert_usage_error(capsys, tmp_path, "model.gguf' not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_method_and_divergence_together(tiny_suite, tmp_path, capsys):
+    assert main(["train", str(tiny_suite), "--method", "js", "--divergence", "tv"]) == 2
+    _assert_usage_error(capsys, tmp_path, "--method and --divergence both choose what to train")
+
+
+def test_empty_suite_file(tmp_path, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text("")
+    assert main(["run", str(path)]) == 2
+    _assert_usage_error(capsys, tmp_path, "the suite file is empty")
+
+
+def test_import_of_file_that_is_not_gguf(tmp_path, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    assert main(["import-gguf", str(tmp_path / "out"), "--gguf", str(fake)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "could not read" in captured.err
     assert not (tmp_path / "out").exists()
