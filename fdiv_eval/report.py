@@ -272,7 +272,7 @@ def print_table(report: dict, console=None, metric_names=SUMMARY_METRICS) -> Non
     log_z = Estimate.from_dict(report["log_partition"])
     table = Table(
         title=f"{report['suite']['name']}: log Z = {format_estimate(log_z)}",
-        caption="value [95% CI]; KL, JS and entropies in nats, E_π[b] and TV as fractions; ↓ lower is better, "
+        caption="value \\[95% CI]; KL, JS and entropies in nats, E_π\\[b] and TV as fractions; ↓ lower is better, "
                 "↑ higher is better; (!) unreliable estimate",
     )
     table.add_column("model", style="bold")
