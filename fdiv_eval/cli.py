@@ -162,10 +162,8 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
         base_sample_columns,
         check_same_tokenizer,
         draw_base_sample,
-        save_samples,
         seed_for_model,
     )
-    from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
     from fdiv_eval.sequences import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(suite.base_model)
@@ -202,19 +200,30 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
         pairwise = _pairwise(suite, audits, loaded, start)
         exact_log_partition = _exact_values(suite, audits, models, base, tokenizer, target, start)
 
+    log_partition = base_sample.log_partition
+    if exact_log_partition is not None:
+        log_partition = dataclasses.replace(log_partition, exact=exact_log_partition)
+    return _write_report(suite, target, audits, base_sample_columns(base_sample, [a for a, _ in audits]),
+                         log_partition, {}, report_path, started, console, pairwise)
+
+
+def _write_report(suite, target, audits, base_columns: dict, log_partition, extra_settings: dict,
+                  report_path: Path, started: float, console, pairwise: dict | None = None) -> dict:
+    """Save every sample file, then write report.json and report.md and print the table."""
+    from fdiv_eval.audit import save_samples
+    from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
+
     entries = []
     for audit, method in audits:
         samples_file = f"samples/{audit.name}.parquet"
         save_samples(audit.samples, report_path / samples_file)
         entries.append({"name": audit.name, "model": str(audit.model), "method": method,
                         "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
-    save_samples(base_sample_columns(base_sample, [a for a, _ in audits]), report_path / "samples" / "_base_sample.parquet")
+    save_samples(base_columns, report_path / "samples" / "_base_sample.parquet")
 
     settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
-                "base_model": suite.base_model, "runs_dir": str(suite.runs_path), "versions": _versions()}
-    log_partition = base_sample.log_partition
-    if exact_log_partition is not None:
-        log_partition = dataclasses.replace(log_partition, exact=exact_log_partition)
+                "base_model": suite.base_model, **extra_settings, "runs_dir": str(suite.runs_path),
+                "versions": _versions()}
     report = build_report(suite.name, suite.content_hash(), target.describe(), log_partition,
                           entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1),
                           pairwise=pairwise)
@@ -267,14 +276,13 @@ def _exact_values(suite, audits, models, base, tokenizer, target, start) -> floa
 def _audit_models_with_prompts(suite, models, console, show_progress: bool, report_path: Path, started: float,
                                suite_dir: Path | None, base, tokenizer, target) -> dict:
     """Audit every model per prompt (averaged over prompts) and write the report files."""
-    from fdiv_eval.audit import save_samples, seed_for_model
+    from fdiv_eval.audit import seed_for_model
     from fdiv_eval.conditional import (
         audit_conditional_model,
         conditional_base_columns,
         draw_conditional_base_sample,
         mean_log_partition,
     )
-    from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
     from fdiv_eval.sequences import load_model
 
     contexts = _contexts_from_suite(suite, suite_dir, tokenizer)
@@ -289,24 +297,8 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
                                             progress=start)
             audits.append((audit, method))
 
-    entries = []
-    for audit, method in audits:
-        samples_file = f"samples/{audit.name}.parquet"
-        save_samples(audit.samples, report_path / samples_file)
-        entries.append({"name": audit.name, "model": str(audit.model), "method": method,
-                        "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
-    save_samples(conditional_base_columns(base_samples, [a for a, _ in audits]),
-                 report_path / "samples" / "_base_sample.parquet")
-    settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
-                "base_model": suite.base_model, "prompts": len(contexts), "runs_dir": str(suite.runs_path),
-                "versions": _versions()}
-    report = build_report(suite.name, suite.content_hash(), target.describe(), mean_log_partition(base_samples),
-                          entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1))
-    write_json(report, report_path / "report.json")
-    write_atomic(report_path / "report.md", render_markdown(report))
-    print_table(report, console)
-    console.print(f"wrote {report_path / 'report.json'} and {report_path / 'report.md'}")
-    return report
+    return _write_report(suite, target, audits, conditional_base_columns(base_samples, [a for a, _ in audits]),
+                         mean_log_partition(base_samples), {"prompts": len(contexts)}, report_path, started, console)
 
 
 def _command_run(args, console) -> int:

@@ -130,8 +130,24 @@ class Feature:
     moment: float
 
 
+class _OptionalConstraint:
+    """Constraint properties of a target whose ``constraint_target`` may be None."""
+
+    @property
+    def has_constraint(self) -> bool:
+        return self.constraint_target is not None
+
+    @property
+    def is_hard(self) -> bool:
+        return self.constraint_target is not None and self.constraint_target.is_hard
+
+    @property
+    def constraint_description(self):
+        return self.constraint_target.constraint_description if self.constraint_target else None
+
+
 @dataclass(frozen=True)
-class DistributionalTarget:
+class DistributionalTarget(_OptionalConstraint):
     """P(x) = π0(x)·exp(λ·φ(x)), optionally times max(b(x), ε).
 
     ``coefficients`` holds λ once fitted; ``fit`` holds the summary of the
@@ -153,18 +169,6 @@ class DistributionalTarget:
         for feature in self.features:
             if not math.isfinite(feature.moment):
                 raise InvalidInputError(f"feature {feature.name!r} needs a finite moment, got {feature.moment!r}")
-
-    @property
-    def has_constraint(self) -> bool:
-        return self.constraint_target is not None
-
-    @property
-    def is_hard(self) -> bool:
-        return self.constraint_target is not None and self.constraint_target.is_hard
-
-    @property
-    def constraint_description(self):
-        return self.constraint_target.constraint_description if self.constraint_target else None
 
     @property
     def moments(self) -> np.ndarray:
@@ -218,7 +222,7 @@ class DistributionalTarget:
 
 
 @dataclass(frozen=True)
-class RewardTarget:
+class RewardTarget(_OptionalConstraint):
     """P(x) = π0(x)·exp(r(x)/β) with β > 0, optionally times max(b(x), ε)."""
 
     reward: object
@@ -233,18 +237,6 @@ class RewardTarget:
                 f"target.beta must be a positive number, got {self.beta!r}; β scales the reward as exp(r/β), "
                 "so smaller β pulls harder toward high reward"
             )
-
-    @property
-    def has_constraint(self) -> bool:
-        return self.constraint_target is not None
-
-    @property
-    def is_hard(self) -> bool:
-        return self.constraint_target is not None and self.constraint_target.is_hard
-
-    @property
-    def constraint_description(self):
-        return self.constraint_target.constraint_description if self.constraint_target else None
 
     def rewards(self, texts: list[str], prompts=None) -> np.ndarray:
         """r(x) per text, float64."""
