@@ -8,13 +8,11 @@ fresh policy sample. Every model's metrics are ``Estimate`` objects.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from fdiv_eval.divergences import DIVERGENCES, alpha_divergence
 from fdiv_eval.diversity import distinct_n, distinct_n_per_sample, self_bleu

@@ -35,7 +35,7 @@ class Estimate:
     n: int
     """Number of samples the estimate used (the policy sample for composites)."""
     method: str
-    """How the value and interval were computed, for example ``mean+clt`` or ``wilson``."""
+    """Name of the estimator behind the value and interval, for example ``mean+clt`` or ``wilson``."""
     effective_sample_size: float | None = None
     """Kish ESS of the importance weights, for importance-sampling estimates."""
     pareto_k: float | None = None
@@ -75,7 +75,9 @@ class Estimate:
 def encode_float(value: Any) -> Any:
     """Encode non-finite floats as the strings ``"inf"``, ``"-inf"`` and ``"nan"`` for strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if math.isnan(value):
+            return "nan"
+        return "inf" if value > 0 else "-inf"
     return value
 
 
@@ -86,7 +88,7 @@ def decode_float(value: Any) -> Any:
 
 
 def constant_estimate(value: float, n: int, method: str) -> Estimate:
-    """An estimate with no sampling error (for example +∞ from a violated constraint)."""
+    """Return an estimate with no sampling error (for example +∞ from a violated constraint)."""
     return Estimate(value, 0.0, value, value, n, method)
 
 

@@ -1,6 +1,6 @@
 """Estimators of log Z, divergences to the target and KL to the base model.
 
-Natural logs, nats. Samples x_i come from a proposal q; every input here is a
+Natural logs, nats. Samples x_i come from a proposal q. Every input here is a
 float64 array of per-sample log quantities, so the functions know nothing of
 models or tokens and tests can feed them closed-form cases.
 
@@ -53,7 +53,7 @@ def _binary_level(log_potentials: np.ndarray) -> float | None:
 def log_partition(log_potentials) -> Estimate:
     """Estimate log Z from a base-model sample.
 
-    ``log_potentials`` holds log P(x_i) − log π0(x_i) for x_i ∼ π0, so that
+    ``log_potentials`` contains log P(x_i) − log π0(x_i) for x_i ∼ π0, so that
     Ẑ = mean(exp(·)) is unbiased for Z and log Ẑ = logsumexp − log n.
 
     For a pointwise target, whose potentials take only the values 1 and ε,
@@ -135,7 +135,7 @@ def _log_z_standard_error(log_z: Estimate) -> float:
 def policy_divergence(divergence: FDivergence, log_ratios, log_z: Estimate) -> Estimate:
     """Estimate D_f(π‖p) from policy samples, p = P/Z.
 
-    ``log_ratios`` holds log π(x_i) − log P(x_i) for x_i ∼ π. With
+    ``log_ratios`` contains log π(x_i) − log P(x_i) for x_i ∼ π. With
     s_i = log_ratios_i + log Ẑ and u_i = exp(−s_i) = p/π, the estimate is
     mean(policy_term(s_i)), whose expectation is D_f(π‖p). A sample with
     P = 0 contributes f′(∞), so the value is +∞ for reverse KL and Pearson χ²
@@ -248,7 +248,7 @@ def forward_kl_from_base(log_potentials, log_base_minus_log_policy) -> Estimate:
 def model_divergence(divergence: FDivergence, log_ratios, sampled_from: str) -> Estimate:
     """Estimate D_f(π_a‖π_b) between two normalized models.
 
-    ``log_ratios`` holds log π_a(x) − log π_b(x). With samples from π_b
+    ``log_ratios`` contains log π_a(x) − log π_b(x). With samples from π_b
     (``sampled_from="b"``) the estimate is mean f(t); with samples from π_a
     (``"a"``) it is mean f(t)/t, the policy term. No partition function enters.
     """

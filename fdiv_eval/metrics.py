@@ -1,6 +1,6 @@
 """Names, units and directions of the metrics that an audit reports.
 
-``direction`` says which way is better: ``lower`` for divergences to the
+``direction`` names the better direction: ``lower`` for divergences to the
 target, ``higher`` for constraint satisfaction, ``none`` where neither is
 better in general (drift from the base model, diversity, length).
 """

@@ -114,7 +114,7 @@ def fit_coefficients(
 ) -> MomentFit:
     """Fit λ so that the importance-weighted moments of ``features`` equal ``desired``.
 
-    ``features`` is [n, K]; ``log_weights`` [n] holds log w(x_i) − log q(x_i)
+    ``features`` is [n, K]; ``log_weights`` [n] contains log w(x_i) − log q(x_i)
     + log π0(x_i) up to a constant per group (0 for plain base samples, −∞
     for samples that violate a hard constraint); ``groups`` [n] assigns each
     sample to its prompt. Raises EstimationError when a desired moment lies
@@ -213,7 +213,7 @@ def fit_target(target, base, tokenizer, prompt_ids_list, samples: int, max_new_t
                batch_size: int = 256, progress=None, prompt_texts=None):
     """Fit λ of a distributional target on a fresh base-model sample; return the fitted target.
 
-    ``prompt_ids_list`` holds one prompt (token ids [P]) per context; the
+    ``prompt_ids_list`` contains one prompt (token ids [P]) per context; the
     ``samples`` base draws are split evenly across them. The same seed gives
     the same λ, so training and audit agree on the target.
     """

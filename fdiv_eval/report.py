@@ -95,7 +95,7 @@ def load_report(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "report.json"
     if not path.is_file():
-        raise InvalidInputError(f"report {str(path)!r} not found; pass a report.json or the folder that holds it")
+        raise InvalidInputError(f"report {str(path)!r} not found; pass a report.json or the folder that contains it")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:

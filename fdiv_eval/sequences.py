@@ -11,7 +11,7 @@ Rules that keep the sampled distribution equal to the scored one:
 
 - models sample and score in eval mode, so dropout is off;
 - sampling is ancestral at temperature 1, with no top-k, top-p or repetition
-  penalty, whatever the checkpoint's own ``generation_config`` says;
+  penalty, whatever the checkpoint's own ``generation_config`` sets;
 - log-probs come from one teacher-forced forward pass, with log-softmax in
   float32 (or the model's dtype if wider) and sums over tokens in float64.
 
@@ -110,13 +110,13 @@ def load_tokenizer(name_or_path: str):
 
 
 def default_prompt(tokenizer) -> torch.Tensor:
-    """The prompt of unconditional generation: the BOS token (EOS when there is no BOS)."""
+    """Return the prompt of unconditional generation: the BOS token (EOS when there is no BOS)."""
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     return torch.tensor([token], dtype=torch.long)
 
 
 def ancestral_generation_config(max_new_tokens: int, eos_token_id: int | Sequence[int], pad_token_id: int):
-    """A generation config for pure ancestral sampling that overrides the checkpoint's settings."""
+    """Build a generation config for pure ancestral sampling that overrides the checkpoint's settings."""
     from transformers import GenerationConfig
 
     return GenerationConfig(

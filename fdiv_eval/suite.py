@@ -152,7 +152,7 @@ class PromptsConfig:
     """A file that ``datasets`` reads (``.txt`` with one prompt per line, ``.json``, ``.jsonl``, ``.csv``,
     ``.parquet``). Relative paths are taken from the suite file's folder."""
     column: str = "prompt"
-    """Column of ``file`` that holds the prompt text (``.txt`` files always use their lines)."""
+    """Column of ``file`` that contains the prompt text (``.txt`` files always use their lines)."""
     limit: int | None = None
     """Use only the first this many prompts of the file."""
     chat_template: bool = False
@@ -195,9 +195,9 @@ class Suite:
     prompts: PromptsConfig | None = None
     """Prompts to condition on; without them every sample continues the BOS token."""
     runs_dir: str = "runs/{name}"
-    """Where checkpoints go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
+    """Folder for checkpoints, relative to the working directory; ``{name}`` is replaced by the suite name."""
     report_dir: str = "reports/{name}"
-    """Where reports go; ``{name}`` is replaced by the suite name. Relative to the working directory."""
+    """Folder for reports, relative to the working directory; ``{name}`` is replaced by the suite name."""
     checks: tuple[CheckRule, ...] = ()
     """Regression rules that ``fdiv check`` applies to a current audit against a baseline audit."""
 

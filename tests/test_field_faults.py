@@ -372,7 +372,9 @@ def test_precision_kl_to_self_and_bf16(toy_checkpoint):
     assert half_log_probs.dtype == torch.float32
     assert torch.allclose(half_log_probs.exp().sum(-1), torch.ones(mask.shape), atol=1e-5, rtol=0)
     warnings = precision_warnings(first, half)
-    assert len(warnings) == 1 and "float32" in warnings[0] and "bfloat16" in warnings[0]
+    assert len(warnings) == 1
+    assert "float32" in warnings[0]
+    assert "bfloat16" in warnings[0]
 
 
 def test_distinct_n_corpus_and_per_sample():
@@ -384,7 +386,8 @@ def test_distinct_n_corpus_and_per_sample():
     assert distinct_n(texts, 2, tokenizer="whitespace").method.endswith("tokenizer=whitespace")
     assert distinct_n_per_sample(texts, 2).method.endswith("tokenizer=words")
     for n in (1, 2, 3):
-        assert f"distinct_{n}" in METRICS and f"distinct_{n}_per_sample" in METRICS
+        assert f"distinct_{n}" in METRICS
+        assert f"distinct_{n}_per_sample" in METRICS
 
 
 def test_self_bleu_leave_one_out():

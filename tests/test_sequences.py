@@ -74,7 +74,7 @@ def test_samples_follow_model_distribution(toy_model):
 
 
 def test_sampling_ignores_checkpoint_generation_config(toy_model):
-    # A checkpoint that asks for greedy, top-k decoding must still be sampled ancestrally.
+    # A checkpoint configured for greedy, top-k decoding must still be sampled ancestrally.
     toy_model.generation_config.do_sample = False
     toy_model.generation_config.top_k = 1
     toy_model.generation_config.temperature = 0.2
@@ -118,7 +118,8 @@ def test_token_kl_sums_to_sequence_kl_in_expectation(toy_model):
 def test_embedded_model_loads():
     model = load_model("embedded:austen")
     assert not model.training
-    assert model.config.n_layer == 4 and model.config.n_embd == 128
+    assert model.config.n_layer == 4
+    assert model.config.n_embd == 128
 
 
 def test_missing_model_folder_is_rejected(tmp_path):

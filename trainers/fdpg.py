@@ -43,7 +43,6 @@ from fdiv_eval.estimators import (
 from fdiv_eval.estimates import Estimate, log_sum_exp
 from fdiv_eval.prompts import Context, build_contexts, per_prompt_count
 from fdiv_eval.sequences import (
-    SampleBatch,
     load_model,
     load_tokenizer,
     sample,
@@ -249,12 +248,12 @@ def train_policy(
         state = json.loads((resume_from / STATE_FILE).read_text())
         if state.get("method") != config.method or state.get("suite_hash") != config.suite_hash:
             raise InvalidInputError(
-                f"{output_dir} holds checkpoints of another run (method {state.get('method')!r}, "
+                f"{output_dir} contains checkpoints of another run (method {state.get('method')!r}, "
                 f"suite hash {state.get('suite_hash')!r}); delete the folder or choose another output folder"
             )
         policy = load_model(str(resume_from))
         optimizer = _make_optimizer(config, policy.parameters())
-        # weights_only: the file holds tensors and plain containers, so nothing is unpickled as code.
+        # weights_only: the file contains tensors and plain containers, so nothing is unpickled as code.
         tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=True)
         optimizer.load_state_dict(tensors["optimizer"])
         torch.random.set_rng_state(tensors["torch_rng"])
@@ -263,7 +262,7 @@ def train_policy(
         log_z_counts = [int(v) for v in state.get("log_partition_counts", [state["log_partition_count"]])]
         if len(log_z_sums) != len(contexts):
             raise InvalidInputError(
-                f"{output_dir} holds a run with {len(log_z_sums)} prompts, not {len(contexts)}; "
+                f"{output_dir} contains a run with {len(log_z_sums)} prompts, not {len(contexts)}; "
                 "delete the folder or choose another output folder"
             )
         _truncate_log(log_path, start_step)
