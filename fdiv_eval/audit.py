@@ -28,7 +28,8 @@ from fdiv_eval.estimators import (
     require_finite_log_partition,
     reverse_kl_on_support,
 )
-from fdiv_eval.sequences import SampleBatch, default_prompt, model_dtype, sample, score, score_pair
+from fdiv_eval.distributed import current, map_sharded, sample_sharded, score_pair_sharded, score_sharded
+from fdiv_eval.sequences import SampleBatch, default_prompt, model_dtype
 from fdiv_eval.suite import AuditConfig
 from fdiv_eval.target_metrics import base_sample_target_metrics, policy_target_metrics
 from fdiv_eval.targets import PointwiseTarget
@@ -85,22 +86,25 @@ def draw_base_sample(
 
     Raises EstimationError when no sample satisfies the constraint, because
     then Z (and every divergence to the target) cannot be estimated.
+
+    Under torchrun each rank draws and scores its share, and every rank gets
+    the whole sample; the target-only metrics are computed on rank 0 alone.
     """
     progress = progress or _silent_progress
     prompt = default_prompt(tokenizer)
     advance = progress("sampling the base model for log Z", config.base_samples)
-    batch = sample(base, prompt, config.base_samples, max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, batch_size=config.batch_size, seed=config.seed, progress=advance)
+    batch = sample_sharded(base, prompt, config.base_samples, max_new_tokens, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, batch_size=config.batch_size, seed=config.seed, progress=advance)
     advance = progress("scoring the base sample", config.base_samples)
-    log_base = score(base, batch, batch_size=config.batch_size, progress=advance).log_prob.numpy()
+    log_base = score_sharded(base, batch, batch_size=config.batch_size, progress=advance).log_prob.numpy()
     texts = _decode(tokenizer, batch)
-    log_potential = target.log_potential(texts)
+    log_potential = map_sharded(target.log_potential, texts)
     estimate = log_partition(log_potential)
     hint = ("raise audit.base_samples, or choose a target constraint that the base model satisfies more often")
     if getattr(target, "has_constraint", True):
-        require_accepted_samples(target.constraint(texts), target.constraint_description, hint)
+        require_accepted_samples(map_sharded(target.constraint, texts), target.constraint_description, hint)
     require_finite_log_partition(estimate, hint)
-    extra = base_sample_target_metrics(target, texts, None, log_potential)
+    extra = base_sample_target_metrics(target, texts, None, log_potential) if current().is_main else {}
     return BaseSample(batch, texts, log_base, log_potential, estimate, extra)
 
 
@@ -117,25 +121,34 @@ def audit_model(
     seed: int,
     progress: ProgressFactory | None = None,
 ) -> ModelAudit:
-    """Sample ``policy`` and estimate every metric, each with its standard error and 95% CI."""
+    """Sample ``policy`` and estimate every metric, each with its standard error and 95% CI.
+
+    Under torchrun each rank samples and scores its share of the rows, the
+    per-sample statistics are gathered, and rank 0 alone computes the
+    estimates; the other ranks return an audit with no metrics.
+    """
     progress = progress or _silent_progress
     prompt = default_prompt(tokenizer)
     advance = progress(f"{name}: sampling", config.samples)
-    batch = sample(policy, prompt, config.samples, max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, batch_size=config.batch_size, seed=seed, progress=advance)
+    batch = sample_sharded(policy, prompt, config.samples, max_new_tokens, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, batch_size=config.batch_size, seed=seed, progress=advance)
 
     advance = progress(f"{name}: scoring", config.samples + len(base_sample.batch))
-    policy_scores, base_scores, token_kl = score_pair(policy, base, batch, config.batch_size, progress=advance)
+    policy_scores, base_scores, token_kl = score_pair_sharded(policy, base, batch, config.batch_size,
+                                                              progress=advance)
     if policy is base:
         # The base sample was already scored by this very model.
         log_prob_on_base = base_sample.log_base
         advance(len(base_sample.batch))
     else:
-        log_prob_on_base = score(policy, base_sample.batch, config.batch_size, progress=advance).log_prob.numpy()
+        log_prob_on_base = score_sharded(policy, base_sample.batch, config.batch_size,
+                                         progress=advance).log_prob.numpy()
 
     texts = _decode(tokenizer, batch)
-    satisfied = target.constraint(texts)
-    log_potential = target.log_potential(texts)
+    satisfied = map_sharded(target.constraint, texts).astype(bool)
+    log_potential = map_sharded(target.log_potential, texts).astype(np.float64)
+    if not current().is_main:
+        return ModelAudit(name, model_name, {}, {}, log_prob_on_base, batch)
     log_policy = policy_scores.log_prob.numpy()
     log_base = base_scores.log_prob.numpy()
     log_ratios = log_policy - (log_base + log_potential)

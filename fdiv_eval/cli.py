@@ -77,8 +77,10 @@ def _target_from_suite(suite, suite_dir: Path | None = None, base=None, tokenize
     from fdiv_eval.moments import fit_target
     from fdiv_eval.sequences import load_model, load_tokenizer
 
+    from fdiv_eval.distributed import current
+
     tokenizer = tokenizer or load_tokenizer(suite.base_model)
-    base = base or load_model(suite.base_model)
+    base = base or load_model(suite.base_model, device=current().device)
     contexts = _contexts_from_suite(suite, suite_dir, tokenizer)
     prompt_texts = None if suite.prompts is None else [context.text for context in contexts]
     with progress_factory(console, show_progress and console is not None) as start:
@@ -164,10 +166,12 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
         draw_base_sample,
         seed_for_model,
     )
+    from fdiv_eval.distributed import current
     from fdiv_eval.sequences import load_model, load_tokenizer
 
+    runtime = current()
     tokenizer = load_tokenizer(suite.base_model)
-    base = load_model(suite.base_model)
+    base = load_model(suite.base_model, device=runtime.device)
     if suite.audit.exact and suite.prompts is not None:
         raise InvalidInputError("exact mode does not support prompts; set audit.exact to false or remove the prompts")
     if suite.audit.exact:
@@ -192,12 +196,15 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     with progress_factory(console, show_progress) as start:
         base_sample = draw_base_sample(base, tokenizer, target, suite.audit, suite.max_new_tokens, progress=start)
         for index, (name, model_path, method) in enumerate(models):
-            policy = base if model_path == suite.base_model else load_model(model_path)
+            policy = base if model_path == suite.base_model else load_model(model_path, device=runtime.device)
             loaded[name] = policy
             audit = audit_model(name, model_path, policy, base, tokenizer, target, base_sample, suite.audit,
                                 suite.max_new_tokens, seed_for_model(suite.audit.seed, index), progress=start)
             audits.append((audit, method))
         pairwise = _pairwise(suite, audits, loaded, start)
+        if not runtime.is_main:
+            # The other ranks took part in sampling and scoring; rank 0 computes and writes the rest.
+            return {}
         exact_log_partition = _exact_values(suite, audits, models, base, tokenizer, target, start)
 
     log_partition = base_sample.log_partition
@@ -236,6 +243,7 @@ def _write_report(suite, target, audits, base_columns: dict, log_partition, extr
 
 def _pairwise(suite, audits, loaded: dict, start) -> dict | None:
     """KL and JS between every pair of audited models, or None with fewer than two models."""
+    from fdiv_eval.distributed import current
     from fdiv_eval.pairwise import cross_log_probs, pairwise_matrices
 
     if not suite.audit.pairwise or len(audits) < 2:
@@ -244,7 +252,7 @@ def _pairwise(suite, audits, loaded: dict, start) -> dict | None:
     total = sum(len(batch) for batch in batches.values()) * len(loaded)
     advance = start("pairwise divergences between models", total)
     scores = cross_log_probs(loaded, batches, suite.audit.batch_size, progress=advance)
-    return pairwise_matrices(scores, list(batches))
+    return pairwise_matrices(scores, list(batches)) if current().is_main else None
 
 
 def _exact_values(suite, audits, models, base, tokenizer, target, start) -> float | None:
@@ -263,7 +271,8 @@ def _exact_values(suite, audits, models, base, tokenizer, target, start) -> floa
     base64 = copy.deepcopy(base).to(torch.float64)
     log_z = None
     for (audit, _), (_, model_path, _) in zip(audits, models):
-        policy64 = base64 if model_path == suite.base_model else load_model(model_path, dtype=torch.float64)
+        policy64 = base64 if model_path == suite.base_model else load_model(model_path, dtype=torch.float64,
+                                                                            device=base.device)
         exact = exact_metrics(policy64, base64, tokenizer, target, suite.max_new_tokens, default_prompt(tokenizer),
                               batch_size=suite.audit.batch_size, limit=suite.audit.exact_limit,
                               alphas=suite.audit.alphas)
@@ -283,6 +292,7 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
         draw_conditional_base_sample,
         mean_log_partition,
     )
+    from fdiv_eval.distributed import current
     from fdiv_eval.sequences import load_model
 
     contexts = _contexts_from_suite(suite, suite_dir, tokenizer)
@@ -291,11 +301,13 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
         base_samples = draw_conditional_base_sample(base, tokenizer, target, contexts, suite.audit,
                                                     suite.max_new_tokens, progress=start)
         for index, (name, model_path, method) in enumerate(models):
-            policy = base if model_path == suite.base_model else load_model(model_path)
+            policy = base if model_path == suite.base_model else load_model(model_path, device=current().device)
             audit = audit_conditional_model(name, model_path, policy, base, tokenizer, target, base_samples,
                                             suite.audit, suite.max_new_tokens, seed_for_model(suite.audit.seed, index),
                                             progress=start)
             audits.append((audit, method))
+    if not current().is_main:
+        return {}
 
     return _write_report(suite, target, audits, conditional_base_columns(base_samples, [a for a, _ in audits]),
                          mean_log_partition(base_samples), {"prompts": len(contexts)}, report_path, started, console)
@@ -514,6 +526,13 @@ def _quiet_transformers() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto",
+        help="where models run: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under "
+             "torchrun, cuda means the GPU of each process's local rank (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fdiv",
@@ -531,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "report_dir. Divergences in nats; intervals are 95%% CIs.",
     )
     run.add_argument("suite", help="path of a suite YAML file, for example suites/quickstart.yaml")
+    _add_device_argument(run)
     run.set_defaults(handler=_command_run)
 
     train = commands.add_parser("train", help="train methods of a suite (resumes from the latest checkpoint)")
@@ -542,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, help="alpha of the alpha divergence (not 0 or 1)")
     train.add_argument("--steps", type=int, help="optimizer steps (default: the suite's train.steps)")
     train.add_argument("--output", help="folder for checkpoints (default: the suite's runs_dir)")
+    train.add_argument("--resume", action="store_true",
+                       help="require a checkpoint to resume from, and fail if a method has none (without this "
+                            "flag a method resumes when it has a checkpoint and starts afresh when it has none)")
+    _add_device_argument(train)
     train.set_defaults(handler=_command_train)
 
     audit = commands.add_parser("audit", help="audit checkpoints against the suite's target and write a report")
@@ -558,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and horizons only)")
     audit.add_argument("--exact-limit", type=int,
                        help="largest number of sequences --exact may enumerate (default: audit.exact_limit, 1000000)")
+    _add_device_argument(audit)
     audit.set_defaults(handler=_command_audit)
 
     compare = commands.add_parser(
@@ -610,17 +635,33 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    rank = os.environ.get("RANK", "0")
+    prefix = "" if rank == "0" else f"rank {rank}: "
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{prefix}%(name)s: %(message)s")
     # Logs and CI pipes get a wide table instead of rich's 80-column default.
     console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
+    errors = Console(stderr=True)
     try:
+        if hasattr(args, "device"):
+            from fdiv_eval.distributed import setup
+
+            runtime = setup(args.device)
+            if not runtime.is_main:
+                # Under torchrun only rank 0 prints its progress and results.
+                console = Console(quiet=True)
+                args.no_progress = True
         return args.handler(args, console)
     except InvalidInputError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]{prefix}error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_INVALID_INPUT
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; rerun the same command to resume from the last checkpoint")
+        errors.print(f"{prefix}interrupted; rerun the same command to resume from the last checkpoint")
         return 130
+    finally:
+        from fdiv_eval.distributed import teardown
+
+        teardown()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from fdiv_eval.errors import EstimationError
 from fdiv_eval.estimates import Z_95, Estimate, decode_float, encode_float, log_sum_exp
 from fdiv_eval.estimators import log_partition
 from fdiv_eval.prompts import Context, cluster_bootstrap, per_prompt_count
-from fdiv_eval.sequences import SampleBatch, sample, score, score_pair
+from fdiv_eval.distributed import current, map_sharded, sample_sharded, score_pair_sharded, score_sharded
+from fdiv_eval.sequences import SampleBatch
 from fdiv_eval.suite import AuditConfig
 from fdiv_eval.target_metrics import MOMENT_PREFIX, TARGET_MOMENT_PREFIX
 
@@ -61,12 +62,12 @@ def draw_conditional_base_sample(base, tokenizer, target, contexts: list[Context
     advance = progress("sampling and scoring the base model per prompt", count * len(contexts))
     samples = []
     for context in contexts:
-        batch = sample(base, context.prompt_ids, count, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, batch_size=config.batch_size, seed=prompt_seed(config.seed, context.index))
-        log_base = score(base, batch, batch_size=config.batch_size).log_prob.numpy()
+        batch = sample_sharded(base, context.prompt_ids, count, max_new_tokens, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, batch_size=config.batch_size,
+                               seed=prompt_seed(config.seed, context.index))
+        log_base = score_sharded(base, batch, batch_size=config.batch_size).log_prob.numpy()
         texts = _decode(tokenizer, batch)
-        prompts = [context.text] * len(texts)
-        log_potential = target.log_potential(texts, prompts)
+        log_potential = map_sharded(_with_prompt(target.log_potential, context.text), texts).astype(np.float64)
         estimate = log_partition(log_potential)
         if estimate.value == -math.inf:
             raise EstimationError(
@@ -74,9 +75,15 @@ def draw_conditional_base_sample(base, tokenizer, target, contexts: list[Context
                 "base-model samples has P(x) > 0; raise audit.base_samples or drop the prompt"
             )
         samples.append(PromptBaseSample(context, batch, texts, log_base, log_potential, estimate,
-                                        _target_values(target, texts, prompts)))
+                                        map_sharded(_with_prompt(lambda t, p: _target_values(target, t, p),
+                                                                 context.text), texts)))
         advance(count)
     return samples
+
+
+def _with_prompt(function, prompt: str):
+    """Bind one prompt to a (texts, prompts) scorer, so that it can be split over ranks by texts alone."""
+    return lambda texts: function(texts, [prompt] * len(texts))
 
 
 def _target_values(target, texts, prompts) -> np.ndarray:
@@ -122,19 +129,26 @@ def audit_conditional_model(
     per_prompt: list[_PromptPolicySample] = []
     for base_sample in base_samples:
         context = base_sample.context
-        batch = sample(policy, context.prompt_ids, count, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, batch_size=config.batch_size, seed=prompt_seed(seed, context.index))
-        policy_scores, base_scores, token_kl = score_pair(policy, base, batch, config.batch_size)
-        on_base = score(policy, base_sample.batch, config.batch_size).log_prob.numpy()
+        batch = sample_sharded(policy, context.prompt_ids, count, max_new_tokens, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, batch_size=config.batch_size,
+                               seed=prompt_seed(seed, context.index))
+        policy_scores, base_scores, token_kl = score_pair_sharded(policy, base, batch, config.batch_size)
+        on_base = score_sharded(policy, base_sample.batch, config.batch_size).log_prob.numpy()
         texts = _decode(tokenizer, batch)
-        prompts = [context.text] * len(texts)
         per_prompt.append(_PromptPolicySample(
             texts, batch.lengths.numpy().astype(np.float64), policy_scores.log_prob.numpy(),
-            base_scores.log_prob.numpy(), target.log_potential(texts, prompts), token_kl.numpy(),
-            policy_scores.token_entropy_sum.numpy(), np.asarray(target.constraint(texts, prompts), dtype=bool),
-            _target_values(target, texts, prompts), on_base,
+            base_scores.log_prob.numpy(),
+            map_sharded(_with_prompt(target.log_potential, context.text), texts).astype(np.float64),
+            token_kl.numpy(), policy_scores.token_entropy_sum.numpy(),
+            map_sharded(_with_prompt(target.constraint, context.text), texts).astype(bool),
+            map_sharded(_with_prompt(lambda t, p: _target_values(target, t, p), context.text), texts),
+            on_base,
         ))
         advance(count)
+    if not current().is_main:
+        # Rank 0 alone computes the estimates from the gathered per-sample statistics.
+        return ModelAudit(name, model_name, {}, {}, np.concatenate([p.log_policy_on_base for p in per_prompt]),
+                          batch=None)
 
     statistics = _statistics(target, per_prompt, base_samples)
     policy_counts = [len(p.texts) for p in per_prompt]

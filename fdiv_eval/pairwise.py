@@ -20,18 +20,22 @@ from typing import Callable
 import numpy as np
 
 from fdiv_eval.estimates import Estimate, mean_estimate, normal_estimate
-from fdiv_eval.sequences import SampleBatch, score
+from fdiv_eval.distributed import score_sharded
+from fdiv_eval.sequences import SampleBatch
 
 LOG_2 = math.log(2.0)
 
 
 def cross_log_probs(models: dict, batches: dict[str, SampleBatch], batch_size: int,
                     progress: Callable[[int], None] | None = None) -> dict[tuple[str, str], np.ndarray]:
-    """Return {(sampled_from, scored_by): log-probs} for every ordered pair of models."""
+    """Return {(sampled_from, scored_by): log-probs} for every ordered pair of models.
+
+    Under torchrun the rows of each batch are split across ranks and gathered on every rank.
+    """
     scores = {}
     for sampled_from, batch in batches.items():
         for scored_by, model in models.items():
-            scores[(sampled_from, scored_by)] = score(model, batch, batch_size, progress=progress).log_prob.numpy()
+            scores[(sampled_from, scored_by)] = score_sharded(model, batch, batch_size, progress=progress).log_prob.numpy()
     return scores
 
 

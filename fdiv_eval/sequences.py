@@ -81,8 +81,8 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path) if looks_local else name_or_path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Load a causal LM in eval mode, with dropout off."""
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """Load a causal LM in eval mode, with dropout off, on ``device`` (default: the CPU)."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(name_or_path)
@@ -90,8 +90,17 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=False)
     except OSError as error:
         raise InvalidInputError(f"could not load model {name_or_path!r}: {error}") from error
+    if device is not None:
+        model.to(device)
     model.eval()
     return model
+
+
+def model_device(model) -> torch.device:
+    """Return the device of a model's first parameter (the CPU for a model without parameters)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def load_tokenizer(name_or_path: str):
@@ -148,7 +157,7 @@ def lengths_from_eos(generated: torch.Tensor, eos_token_ids: int | Sequence[int]
     if not ids:
         raise InvalidInputError("eos_token_ids is empty; give at least one EOS token id")
     width = generated.shape[1]
-    is_eos = torch.isin(generated, torch.tensor(ids, dtype=generated.dtype))
+    is_eos = torch.isin(generated, torch.tensor(ids, dtype=generated.dtype, device=generated.device))
     has_eos = is_eos.any(dim=1)
     first_eos = is_eos.int().argmax(dim=1)
     return torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, width))
@@ -194,28 +203,31 @@ def sample(
     was_training = model.training
     model.eval()
     config = ancestral_generation_config(max_new_tokens, eos_token_id, pad_token_id)
-    generator_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
+    device = model_device(model)
+    # A seeded draw runs on a forked random state, so the caller's stream
+    # (CPU, and the accelerator's when the model sits on one) is left as it was.
+    accelerators = [] if device.type == "cpu" else [device]
     parts = []
     try:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            inputs = prompt_ids.unsqueeze(0).expand(count, -1)
-            output = model.generate(
-                input_ids=inputs,
-                attention_mask=torch.ones_like(inputs),
-                generation_config=config,
-            )
-            generated = output[:, prompt_ids.numel():]
-            lengths = lengths_from_eos(generated, eos_token_id)
-            generated = generated.masked_fill(~length_mask(lengths, generated.shape[1]), pad_token_id)
-            parts.append(SampleBatch(prompt_ids, generated, lengths))
-            if progress is not None:
-                progress(count)
+        with torch.random.fork_rng(devices=accelerators, enabled=seed is not None,
+                                   device_type="cuda" if device.type == "cpu" else device.type):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, n, batch_size):
+                count = min(batch_size, n - start)
+                inputs = prompt_ids.to(device).unsqueeze(0).expand(count, -1)
+                output = model.generate(
+                    input_ids=inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    generation_config=config,
+                )
+                generated = output[:, prompt_ids.numel():].cpu()
+                lengths = lengths_from_eos(generated, eos_token_id)
+                generated = generated.masked_fill(~length_mask(lengths, generated.shape[1]), pad_token_id)
+                parts.append(SampleBatch(prompt_ids, generated, lengths))
+                if progress is not None:
+                    progress(count)
     finally:
-        if seed is not None:
-            torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return SampleBatch.concatenate(parts, pad_token_id)
 
@@ -225,13 +237,15 @@ def token_log_probs(model, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tens
 
     One teacher-forced forward pass over prompt + continuation. Returns
     log-probs [B, T, V] (float32 or wider) and the length mask [B, T].
-    Gradients flow when called outside ``torch.no_grad``.
+    Gradients flow when called outside ``torch.no_grad``. The results sit on
+    the model's device; ``batch`` may sit anywhere.
     """
+    device = model_device(model)
     count, width = batch.sequences.shape
     prompt_length = batch.prompt_ids.numel()
-    prompt = batch.prompt_ids.unsqueeze(0).expand(count, -1)
-    input_ids = torch.cat([prompt, batch.sequences], dim=1)
-    mask = length_mask(batch.lengths, width)
+    prompt = batch.prompt_ids.to(device).unsqueeze(0).expand(count, -1)
+    input_ids = torch.cat([prompt, batch.sequences.to(device)], dim=1)
+    mask = length_mask(batch.lengths.to(device), width)
     attention_mask = torch.cat([torch.ones_like(prompt, dtype=torch.bool), mask], dim=1).long()
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # The logit at position i predicts token i + 1, so the continuation's
@@ -261,9 +275,12 @@ def top_k_log_probs(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def sequence_log_probs_with_grad(model, batch: SampleBatch) -> torch.Tensor:
-    """Return log π(x) per sequence [B] in float64, keeping the autograd graph."""
+    """Return log π(x) per sequence [B] in float64 on the model's device, keeping the autograd graph.
+
+    ``model`` may be wrapped (for example in DistributedDataParallel); it is called, never unwrapped.
+    """
     log_probs, mask = token_log_probs(model, batch)
-    chosen = log_probs.gather(-1, batch.sequences.unsqueeze(-1)).squeeze(-1)
+    chosen = log_probs.gather(-1, batch.sequences.to(log_probs.device).unsqueeze(-1)).squeeze(-1)
     return masked_sum(chosen, mask)
 
 
@@ -298,10 +315,10 @@ def score(model, batch: SampleBatch, batch_size: int = 256, progress: ProgressCa
     batch_size = fitting_batch_size(batch_size, batch.sequences.shape[1], model)
     for part in batch.batches(batch_size):
         log_probs, mask = token_log_probs(model, part)
-        chosen = log_probs.gather(-1, part.sequences.unsqueeze(-1)).squeeze(-1)
-        log_prob_parts.append(masked_sum(chosen, mask))
+        chosen = log_probs.gather(-1, part.sequences.to(log_probs.device).unsqueeze(-1)).squeeze(-1)
+        log_prob_parts.append(masked_sum(chosen, mask).cpu())
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-        entropy_parts.append(masked_sum(entropy, mask))
+        entropy_parts.append(masked_sum(entropy, mask).cpu())
         if progress is not None:
             progress(len(part))
     return SequenceScores(torch.cat(log_prob_parts), torch.cat(entropy_parts))
@@ -327,24 +344,25 @@ def score_pair(
     for part in batch.batches(batch_size):
         policy_log_probs, mask = token_log_probs(policy, part)
         base_log_probs, _ = token_log_probs(base, part)
-        index = part.sequences.unsqueeze(-1)
+        base_log_probs = base_log_probs.to(policy_log_probs.device)
+        index = part.sequences.to(policy_log_probs.device).unsqueeze(-1)
         policy_probs = policy_log_probs.exp()
         token_kl = (policy_probs * (policy_log_probs - base_log_probs)).sum(dim=-1)
         entropy = -(policy_probs * policy_log_probs).sum(dim=-1)
         policy_parts.append(
             SequenceScores(
-                masked_sum(policy_log_probs.gather(-1, index).squeeze(-1), mask),
-                masked_sum(entropy, mask),
+                masked_sum(policy_log_probs.gather(-1, index).squeeze(-1), mask).cpu(),
+                masked_sum(entropy, mask).cpu(),
             )
         )
         base_entropy = -(base_log_probs.exp() * base_log_probs).sum(dim=-1)
         base_parts.append(
             SequenceScores(
-                masked_sum(base_log_probs.gather(-1, index).squeeze(-1), mask),
-                masked_sum(base_entropy, mask),
+                masked_sum(base_log_probs.gather(-1, index).squeeze(-1), mask).cpu(),
+                masked_sum(base_entropy, mask).cpu(),
             )
         )
-        kl_parts.append(masked_sum(token_kl, mask))
+        kl_parts.append(masked_sum(token_kl, mask).cpu())
         if progress is not None:
             progress(len(part))
 
@@ -433,6 +451,9 @@ def _score_left_padded(model, rows: list[tuple[list[int], int]], pad_token_id: i
     for row, (ids, _) in enumerate(rows):
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
 
+    device = model_device(model)
+    input_ids, lengths, continuation_lengths = input_ids.to(device), lengths.to(device), continuation_lengths.to(device)
+
     # Left padding: row b's real tokens occupy positions width − lengths[b] .. width − 1.
     attention_mask = length_mask(lengths, width).flip(1)
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -445,4 +466,4 @@ def _score_left_padded(model, rows: list[tuple[list[int], int]], pad_token_id: i
     targets = input_ids[:, 1:]
     chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     is_continuation = length_mask(continuation_lengths, width - 1).flip(1)
-    return masked_sum(chosen, is_continuation)
+    return masked_sum(chosen, is_continuation).cpu()

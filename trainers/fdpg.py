@@ -14,6 +14,15 @@ Output folder layout (``output_dir``)::
 Each checkpoint is written to a temporary folder and renamed into place, so
 an interrupted write never leaves a half-written checkpoint. A new run in the
 same folder resumes from the latest complete checkpoint.
+
+Under ``torchrun --nproc-per-node N`` each rank samples its share of every
+prompt's samples from its own random stream, and the policy is wrapped in
+DistributedDataParallel. The per-sample statistics (log π_θ, log P, texts)
+are gathered, so every rank updates the same running log Ẑ_c and computes the
+same pseudo-rewards and baselines as one process would on the union of the
+samples. Each rank's loss is scaled so that DDP's gradient average equals the
+gradient of the single-process loss on that union. Only rank 0 writes the log
+and the checkpoints; a checkpoint stores every rank's random state.
 """
 
 from __future__ import annotations
@@ -32,6 +41,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fdiv_eval.distributed import (
+    Runtime,
+    all_gather_objects,
+    barrier,
+    current,
+    map_sharded,
+    rank_seed,
+    sample_sharded,
+    share,
+    share_bounds,
+)
 from fdiv_eval.divergences import get_divergence
 from fdiv_eval.errors import InvalidInputError
 from fdiv_eval.estimators import (
@@ -51,7 +71,7 @@ from fdiv_eval.sequences import (
 )
 from fdiv_eval.target_metrics import policy_target_metrics
 from fdiv_eval.targets import PointwiseTarget
-from trainers.losses import LOGGED_ESTIMATORS, fdpg_loss, update_log_partition
+from trainers.losses import LOGGED_ESTIMATORS, fdpg_loss, sharded_surrogate_loss, update_log_partition
 
 logger = logging.getLogger(__name__)
 
@@ -140,24 +160,43 @@ def _remove_partial_checkpoints(output_dir: Path) -> None:
             logger.warning("skipping checkpoint %s: it has no %s", folder.name, STATE_FILE)
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    """Return the complete checkpoint (``step-*`` or ``final``) with the highest step."""
-    _remove_partial_checkpoints(output_dir)
+def latest_checkpoint(output_dir: Path, remove_partial: bool = True) -> Path | None:
+    """Return the complete checkpoint (``step-*`` or ``final``) with the highest step, or None.
+
+    With ``remove_partial``, staging folders left by an interrupted write are
+    deleted first, each named in a warning.
+    """
+    if remove_partial:
+        _remove_partial_checkpoints(output_dir)
     candidates = [p for p in [*output_dir.glob("step-*"), output_dir / FINAL_DIR] if (p / STATE_FILE).is_file()]
     if not candidates:
         return None
     return max(candidates, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"])
 
 
-def _write_checkpoint(folder: Path, policy, tokenizer, optimizer, state: dict) -> None:
-    """Save model, tokenizer and trainer state into ``folder`` atomically."""
+def _random_states(device: torch.device) -> dict:
+    """This process's random states: torch's CPU generator, and the accelerator's when there is one."""
+    states = {"torch_rng": torch.random.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_random_states(states: dict, device: torch.device) -> None:
+    torch.random.set_rng_state(states["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
+def _write_checkpoint(folder: Path, policy, tokenizer, optimizer, state: dict, random_states: list[dict]) -> None:
+    """Save model, tokenizer, trainer state and every rank's random states into ``folder`` atomically."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     staging.chmod(0o755)
     policy.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "torch_rng": torch.random.get_rng_state()},
+        {"optimizer": optimizer.state_dict(), **random_states[0], "random_states_per_rank": random_states},
         staging / TENSOR_STATE_FILE,
     )
     (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -181,25 +220,33 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
 
 def _initial_log_partition(base, tokenizer, target, contexts: list[Context], config: FDPGConfig
                            ) -> tuple[list[float], list[int]]:
-    """Start the running log Z_c of every prompt from an independent base-model sample."""
+    """Start the running log Z_c of every prompt from an independent base-model sample.
+
+    Under torchrun the ranks share the sample, and every rank gets the same sums.
+    """
     count = per_prompt_count(config.log_partition_samples, len(contexts))
     hint = "raise train.log_partition_samples, or choose a target constraint that the base model satisfies more often"
     log_sums, counts, satisfied = [], [], []
     for context in contexts:
-        batch = sample(
+        batch = sample_sharded(
             base, context.prompt_ids, count, config.max_new_tokens,
             tokenizer.eos_token_id, tokenizer.pad_token_id, seed=config.seed + 1 + context.index,
         )
         texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
-        prompts = None if context.text is None else [context.text] * len(texts)
-        log_potentials = target.log_potential(texts, prompts)
-        satisfied.append(np.asarray(target.constraint(texts, prompts), dtype=bool))
+        prompts = None if context.text is None else [context.text]
+        log_potentials = map_sharded(lambda part: target.log_potential(part, _repeat(prompts, len(part))), texts)
+        satisfied.append(map_sharded(lambda part: target.constraint(part, _repeat(prompts, len(part))), texts)
+                         .astype(bool))
         require_finite_log_partition(log_partition(log_potentials), hint)
         log_sums.append(log_sum_exp(log_potentials))
         counts.append(log_potentials.size)
     if getattr(target, "has_constraint", True):
         require_accepted_samples(np.concatenate(satisfied), target.constraint_description, hint)
     return log_sums, counts
+
+
+def _repeat(prompt: list[str] | None, count: int) -> list[str] | None:
+    return None if prompt is None else prompt * count
 
 
 def _contexts_for_step(contexts: list[Context], config: FDPGConfig, step: int) -> list[Context]:
@@ -219,6 +266,7 @@ def train_policy(
     output_dir: str | Path,
     on_step: StepCallback | None = None,
     prompts: list[str] | None = None,
+    runtime: Runtime | None = None,
 ) -> TrainResult:
     """Fine-tune a copy of ``base_model`` toward ``target`` by f-DPG; resume if possible.
 
@@ -229,8 +277,10 @@ def train_policy(
 
     With ``prompts``, each step draws ``prompts_per_step`` of them; every
     prompt c keeps its own running log Ẑ_c, and the baseline is taken within
-    the samples of each prompt.
+    the samples of each prompt. ``runtime`` (default: ``distributed.current()``)
+    says which rank this is and where the models run.
     """
+    runtime = runtime or current()
     _validate(config, target)
     divergence = get_divergence(config.method, config.alpha)
     output_dir = Path(output_dir)
@@ -238,12 +288,15 @@ def train_policy(
     started = time.perf_counter()
 
     tokenizer = load_tokenizer(base_model)
-    base = load_model(base_model)
+    base = load_model(base_model, device=runtime.device)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     contexts = build_contexts(tokenizer, prompts, config.chat_template)
+    _check_shares(config, len(contexts), runtime.world_size)
 
-    resume_from = _latest_checkpoint(output_dir)
+    # Rank 0 removes torn checkpoints; the others look only once it is done.
+    resume_from = latest_checkpoint(output_dir, remove_partial=runtime.is_main)
+    barrier(runtime)
     if resume_from is not None:
         state = json.loads((resume_from / STATE_FILE).read_text())
         if state.get("method") != config.method or state.get("suite_hash") != config.suite_hash:
@@ -251,13 +304,13 @@ def train_policy(
                 f"{output_dir} contains checkpoints of another run (method {state.get('method')!r}, "
                 f"suite hash {state.get('suite_hash')!r}); delete the folder or choose another output folder"
             )
-        policy = load_model(str(resume_from))
+        policy = load_model(str(resume_from), device=runtime.device)
         optimizer = _make_optimizer(config, policy.parameters())
         # weights_only: the file contains tensors and plain containers, so nothing is unpickled as code.
-        tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=True)
+        tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(tensors["optimizer"])
-        torch.random.set_rng_state(tensors["torch_rng"])
         start_step = int(state["step"])
+        _resume_random_states(tensors, config, start_step, runtime, resume_from)
         log_z_sums = [float(v) for v in state.get("log_partition_log_sums", [state["log_partition_log_sum"]])]
         log_z_counts = [int(v) for v in state.get("log_partition_counts", [state["log_partition_count"]])]
         if len(log_z_sums) != len(contexts):
@@ -265,22 +318,25 @@ def train_policy(
                 f"{output_dir} contains a run with {len(log_z_sums)} prompts, not {len(contexts)}; "
                 "delete the folder or choose another output folder"
             )
-        _truncate_log(log_path, start_step)
+        if runtime.is_main:
+            _truncate_log(log_path, start_step)
         logger.info("resuming %s from step %d (%s)", config.method, start_step, resume_from.name)
     else:
-        torch.manual_seed(config.seed)
-        policy = load_model(base_model)
+        torch.manual_seed(rank_seed(config.seed, runtime.rank, runtime.world_size))
+        policy = load_model(base_model, device=runtime.device)
         optimizer = _make_optimizer(config, policy.parameters())
         start_step = 0
         log_z_sums, log_z_counts = _initial_log_partition(base, tokenizer, target, contexts, config)
-        if log_path.exists():
+        if runtime.is_main and log_path.exists():
             log_path.unlink()
     # Created only now, so that invalid input leaves no empty run folder behind.
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
 
     # Dropout stays off while training, so the sampled distribution is the
     # one whose log-probs the loss differentiates.
     policy.eval()
+    trained = _wrap_for_gradients(policy, runtime)
     metrics: dict = {}
 
     def trainer_state(step: int) -> dict:
@@ -298,36 +354,32 @@ def train_policy(
             "base_model": base_model,
             "target": target.describe(),
             "config": asdict(config),
+            "world_size": runtime.world_size,
         }
+
+    def save(folder: Path, step: int) -> None:
+        # Every rank hands over its random state; rank 0 writes the checkpoint.
+        random_states = all_gather_objects(_random_states(runtime.device), runtime)
+        if runtime.is_main:
+            _write_checkpoint(folder, policy, tokenizer, optimizer, trainer_state(step), random_states)
+        barrier(runtime)
 
     for step in range(start_step + 1, config.steps + 1):
         step_started = time.perf_counter()
 
-        # 1-2. Per prompt of this step: sample from the current policy, then
-        # score log π_θ with grad, log π0 without, and the target potential.
+        # 1-2. Per prompt of this step: sample this rank's share from the current
+        # policy, then score log π_θ with grad, log π0 without, and the target potential.
         chosen = _contexts_for_step(contexts, config, step)
         per_context = config.batch_size // len(chosen)
-        log_policy_parts, log_base_parts, log_potential_parts, texts, lengths, groups = [], [], [], [], [], []
-        for context in chosen:
-            batch = sample(policy, context.prompt_ids, per_context, config.max_new_tokens,
-                           tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=per_context)
-            log_policy_parts.append(sequence_log_probs_with_grad(policy, batch))
-            with torch.no_grad():
-                log_base_parts.append(score(base, batch, batch_size=per_context).log_prob)
-            context_texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
-            context_prompts = None if context.text is None else [context.text] * len(context_texts)
-            log_potential_parts.append(torch.from_numpy(target.log_potential(context_texts, context_prompts)))
-            texts += context_texts
-            lengths.append(batch.lengths)
-            groups.append(len(context_texts))
-        log_policy = torch.cat(log_policy_parts)
-        log_base = torch.cat(log_base_parts)
-        log_potential = torch.cat(log_potential_parts)
-        log_target = log_base + log_potential
+        local = _sample_and_score(trained, policy, base, tokenizer, target, chosen, config,
+                                  share(per_context, runtime.rank, runtime.world_size))
+        batch = _gather_step_batch(local, chosen, per_context, runtime)
+        log_target = batch.log_base + batch.log_potential
 
-        # 3. Running log Z_c of each prompt from the on-policy importance weights P/π_θ.
+        # 3. Running log Z_c of each prompt from the on-policy importance weights P/π_θ,
+        # over the samples of every rank.
         log_z_rows = []
-        for context, rows in zip(chosen, torch.split(log_target - log_policy.detach(), groups)):
+        for context, rows in zip(chosen, torch.split(log_target - batch.log_policy, batch.groups)):
             index = context.index
             log_z_sums[index], log_z_counts[index] = update_log_partition(log_z_sums[index], log_z_counts[index], rows)
             log_z_rows.append(torch.full((rows.numel(),), log_z_sums[index] - math.log(log_z_counts[index]),
@@ -337,43 +389,184 @@ def train_policy(
 
         # 4-6. Pseudo-reward −f′(π_θ/p) with each prompt's log Ẑ_c, a baseline within
         # each prompt's samples, the surrogate loss, and one clipped optimizer step.
-        step_loss = fdpg_loss(divergence, log_policy, log_target, log_z_per_sample, config.baseline, groups)
+        if runtime.is_distributed:
+            step_loss = fdpg_loss(divergence, batch.log_policy, log_target, log_z_per_sample, config.baseline,
+                                  batch.groups)
+            advantages = step_loss.advantages[batch.local_rows].to(local.log_policy.device)
+            loss = sharded_surrogate_loss(advantages, local.log_policy, len(batch.texts), runtime.world_size)
+        else:
+            device_log_target = log_target.to(local.log_policy.device)
+            step_loss = fdpg_loss(divergence, local.log_policy, device_log_target,
+                                  log_z_per_sample.to(local.log_policy.device), config.baseline, batch.groups)
+            loss = step_loss.loss
         optimizer.zero_grad(set_to_none=True)
-        step_loss.loss.backward()
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
         optimizer.step()
 
-        # 7. Log and checkpoint.
-        satisfied = target.constraint(texts)
-        divergence_on_batch = policy_divergence(
-            divergence, (log_policy.detach() - log_target + log_z_per_sample).numpy(), _fixed_log_partition(0.0)
-        )
-        metrics = {
-            "step": step,
-            **step_loss.log_record(),
-            "train/log_partition": log_z,
-            "train/constraint_satisfaction": float(satisfied.mean()),
-            "train/kl_to_base": float((log_policy.detach() - log_base).mean()),
-            f"train/{divergence.name}_on_batch": divergence_on_batch.value,
-            "train/mean_length": float(torch.cat(lengths).double().mean()),
-            "train/grad_norm": float(grad_norm),
-            "train/learning_rate": optimizer.param_groups[0]["lr"],
-            "time/step_seconds": time.perf_counter() - step_started,
-            **target_batch_metrics(target, texts, None, log_policy.detach().numpy(), log_base.numpy()),
-            "estimators": {**LOGGED_ESTIMATORS, f"train/{divergence.name}_on_batch": divergence_on_batch.method},
-        }
-        with log_path.open("a") as stream:
-            stream.write(json.dumps(_finite_or_string(metrics)) + "\n")
+        # 7. Log and checkpoint (rank 0 writes).
+        if runtime.is_main:
+            metrics = _step_metrics(step, step_loss, divergence, target, batch, log_target, log_z_per_sample,
+                                    log_z, grad_norm, optimizer, time.perf_counter() - step_started)
+            with log_path.open("a") as stream:
+                stream.write(json.dumps(_finite_or_string(metrics)) + "\n")
         if step % config.checkpoint_every == 0 and step != config.steps:
-            _write_checkpoint(output_dir / f"step-{step:06d}", policy, tokenizer, optimizer, trainer_state(step))
-        if on_step is not None:
+            save(output_dir / f"step-{step:06d}", step)
+        if on_step is not None and runtime.is_main:
             on_step(step, config.steps, metrics)
 
     final = output_dir / FINAL_DIR
     if start_step < config.steps or not (final / STATE_FILE).is_file():
         # final/ is resumable too: rerunning with more steps continues from it.
-        _write_checkpoint(final, policy, tokenizer, optimizer, trainer_state(max(start_step, config.steps)))
+        save(final, max(start_step, config.steps))
     return TrainResult(final, config.steps - start_step, start_step, time.perf_counter() - started, metrics)
+
+
+def _check_shares(config: FDPGConfig, prompt_count: int, world_size: int) -> None:
+    """Raise when a step has fewer samples per prompt than there are processes to share them."""
+    prompts_per_step = 1 if prompt_count == 1 else min(config.prompts_per_step, prompt_count)
+    per_prompt = config.batch_size // prompts_per_step
+    if per_prompt < world_size:
+        raise InvalidInputError(
+            f"each step draws {per_prompt} samples per prompt (batch_size {config.batch_size} over "
+            f"{prompts_per_step} prompts), fewer than the {world_size} processes that share them; raise "
+            f"train.batch_size to at least {world_size * prompts_per_step} or launch fewer processes"
+        )
+
+
+def _wrap_for_gradients(policy, runtime: Runtime):
+    """Return the module whose forward pass the loss differentiates: the policy, or its DDP wrapper.
+
+    Sampling and saving use the plain policy; only the scoring pass that
+    carries gradients goes through DistributedDataParallel, which averages the
+    gradients over ranks during backward.
+    """
+    if not runtime.is_distributed:
+        return policy
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(policy, device_ids=device_ids)
+
+
+def _resume_random_states(tensors: dict, config: FDPGConfig, start_step: int, runtime: Runtime,
+                          checkpoint: Path) -> None:
+    """Restore this rank's random states, or reseed when the checkpoint came from another process count."""
+    per_rank = tensors.get("random_states_per_rank") or [{"torch_rng": tensors["torch_rng"]}]
+    if len(per_rank) == runtime.world_size:
+        _restore_random_states(per_rank[runtime.rank], runtime.device)
+        return
+    # NOTE: the sample streams of N processes cannot be split into those of M,
+    # so the resumed run continues from the same weights and optimizer state
+    # with fresh, seeded streams; it no longer matches an uninterrupted run bitwise.
+    if runtime.is_main:
+        logger.warning(
+            "checkpoint %s was written by %d processes and this run has %d: each rank gets a fresh random stream "
+            "seeded from (seed, step, rank), so the samples differ from an uninterrupted run",
+            checkpoint.name, len(per_rank), runtime.world_size,
+        )
+    torch.manual_seed(rank_seed(config.seed + start_step, runtime.rank, runtime.world_size))
+
+
+@dataclass
+class _LocalStep:
+    """This rank's share of one step: per-sample tensors [b] (log_policy keeps its graph)."""
+
+    log_policy: torch.Tensor
+    log_base: torch.Tensor
+    log_potential: torch.Tensor
+    texts: list[str]
+    lengths: torch.Tensor
+    counts: list[int]
+    """Samples per chosen prompt, in order."""
+
+
+@dataclass
+class _StepBatch:
+    """The samples of all ranks in one step, detached, on the CPU, ordered by prompt, then rank.
+
+    That order makes the pseudo-rewards and baselines the same as one process
+    computes on the union; ``local_rows`` picks this rank's rows out of it.
+    """
+
+    log_policy: torch.Tensor
+    log_base: torch.Tensor
+    log_potential: torch.Tensor
+    texts: list[str]
+    lengths: torch.Tensor
+    groups: list[int]
+    local_rows: torch.Tensor
+
+
+def _sample_and_score(trained, policy, base, tokenizer, target, chosen: list[Context], config: FDPGConfig,
+                      count: int) -> _LocalStep:
+    """Draw ``count`` samples per chosen prompt from this rank's stream and score them."""
+    log_policy_parts, log_base_parts, log_potential_parts, texts, lengths, counts = [], [], [], [], [], []
+    for context in chosen:
+        batch = sample(policy, context.prompt_ids, count, config.max_new_tokens,
+                       tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=count)
+        log_policy_parts.append(sequence_log_probs_with_grad(trained, batch))
+        with torch.no_grad():
+            log_base_parts.append(score(base, batch, batch_size=count).log_prob)
+        context_texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
+        context_prompts = None if context.text is None else [context.text] * len(context_texts)
+        log_potential_parts.append(torch.from_numpy(target.log_potential(context_texts, context_prompts)))
+        texts += context_texts
+        lengths.append(batch.lengths)
+        counts.append(len(context_texts))
+    return _LocalStep(torch.cat(log_policy_parts), torch.cat(log_base_parts), torch.cat(log_potential_parts),
+                      texts, torch.cat(lengths), counts)
+
+
+def _gather_step_batch(local: _LocalStep, chosen: list[Context], per_context: int, runtime: Runtime) -> _StepBatch:
+    """Gather every rank's share of the step, in prompt-then-rank order."""
+    detached = local.log_policy.detach().cpu()
+    if not runtime.is_distributed:
+        return _StepBatch(detached, local.log_base, local.log_potential, local.texts, local.lengths, local.counts,
+                          torch.arange(len(local.texts)))
+    shares = all_gather_objects(
+        (detached, local.log_base, local.log_potential, local.texts, local.lengths, local.counts), runtime
+    )
+    columns: dict[str, list] = {"log_policy": [], "log_base": [], "log_potential": [], "lengths": []}
+    texts: list[str] = []
+    for index in range(len(chosen)):
+        for log_policy, log_base, log_potential, rank_texts, lengths, counts in shares:
+            start = sum(counts[:index])
+            stop = start + counts[index]
+            columns["log_policy"].append(log_policy[start:stop])
+            columns["log_base"].append(log_base[start:stop])
+            columns["log_potential"].append(log_potential[start:stop])
+            columns["lengths"].append(lengths[start:stop])
+            texts += rank_texts[start:stop]
+    first, last = share_bounds(per_context, runtime.rank, runtime.world_size)
+    local_rows = torch.cat([torch.arange(index * per_context + first, index * per_context + last)
+                            for index in range(len(chosen))])
+    return _StepBatch(torch.cat(columns["log_policy"]), torch.cat(columns["log_base"]),
+                      torch.cat(columns["log_potential"]), texts, torch.cat(columns["lengths"]),
+                      [per_context] * len(chosen), local_rows)
+
+
+def _step_metrics(step: int, step_loss, divergence, target, batch: _StepBatch, log_target: torch.Tensor,
+                  log_z_per_sample: torch.Tensor, log_z: float, grad_norm, optimizer, seconds: float) -> dict:
+    """The training log record of one step, over the samples of every rank."""
+    satisfied = target.constraint(batch.texts)
+    divergence_on_batch = policy_divergence(
+        divergence, (batch.log_policy - log_target + log_z_per_sample).numpy(), _fixed_log_partition(0.0)
+    )
+    return {
+        "step": step,
+        **step_loss.log_record(),
+        "train/log_partition": log_z,
+        "train/constraint_satisfaction": float(satisfied.mean()),
+        "train/kl_to_base": float((batch.log_policy - batch.log_base).mean()),
+        f"train/{divergence.name}_on_batch": divergence_on_batch.value,
+        "train/mean_length": float(batch.lengths.double().mean()),
+        "train/grad_norm": float(grad_norm),
+        "train/learning_rate": optimizer.param_groups[0]["lr"],
+        "time/step_seconds": seconds,
+        **target_batch_metrics(target, batch.texts, None, batch.log_policy.numpy(), batch.log_base.numpy()),
+        "estimators": {**LOGGED_ESTIMATORS, f"train/{divergence.name}_on_batch": divergence_on_batch.method},
+    }
 
 
 def target_batch_metrics(target, texts, prompts, log_policy, log_base) -> dict:
