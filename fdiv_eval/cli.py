@@ -228,9 +228,12 @@ def _write_report(suite, target, audits, base_columns: dict, log_partition, extr
                         "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
     save_samples(base_columns, report_path / "samples" / "_base_sample.parquet")
 
+    from fdiv_eval.distributed import current
+
     settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
                 "base_model": suite.base_model, **extra_settings, "runs_dir": str(suite.runs_path),
-                "versions": _versions()}
+                "versions": _versions(), "processes": current().world_size,
+                "model_fingerprints": {audit.name: model_fingerprint(str(audit.model)) for audit, _ in audits}}
     report = build_report(suite.name, suite.content_hash(), target.describe(), log_partition,
                           entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1),
                           pairwise=pairwise)
@@ -313,7 +316,56 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
                          mean_log_partition(base_samples), {"prompts": len(contexts)}, report_path, started, console)
 
 
+def model_fingerprint(model: str) -> str:
+    """Return the SHA-256 over a checkpoint folder's weight files (names, sizes, contents).
+
+    Two audits of the same suite content whose models have equal fingerprints
+    audit the same weights. A model that is not a local folder (a hub id) is
+    fingerprinted by its name.
+    """
+    import hashlib
+
+    from fdiv_eval.sequences import resolve_model_path
+
+    digest = hashlib.sha256()
+    folder = Path(resolve_model_path(model))
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    if not weights:
+        digest.update(model.encode())
+    for path in weights:
+        digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _report_is_current(suite, models: list[tuple[str, str, str | None]]) -> bool:
+    """True when the suite's report was written for this suite content and exactly these model weights."""
+    import json
+
+    path = suite.report_path / "report.json"
+    if not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    settings = report.get("settings", {})
+    if report.get("suite", {}).get("hash") != suite.content_hash():
+        return False
+    # `fdiv audit --seed/--samples/--exact` writes reports whose audit settings differ from the suite's.
+    if settings.get("audit") != json.loads(json.dumps(dataclasses.asdict(suite.audit))):
+        return False
+    recorded = settings.get("model_fingerprints") or {}
+    if [entry.get("name") for entry in report.get("models", [])] != [name for name, _, _ in models]:
+        return False
+    return all(recorded.get(name) == model_fingerprint(path) for name, path, _ in models)
+
+
 def _command_run(args, console) -> int:
+    from fdiv_eval.distributed import broadcast_object
+    from fdiv_eval.report import load_report, print_table
     from fdiv_eval.sequences import resolve_model_path
     from fdiv_eval.suite import load_suite
 
@@ -325,7 +377,14 @@ def _command_run(args, console) -> int:
                                  suite_dir=suite_dir)
     models = [("base", suite.base_model, None)]
     models += [(method, str(path), method) for method, path in checkpoints.items()]
-    _audit_models(suite, models, console, not args.no_progress, suite.report_path, started, suite_dir)
+    # Rank 0 decides, so that every rank skips the audit or none does.
+    if not args.force and broadcast_object(_report_is_current(suite, models)):
+        report = load_report(str(suite.report_path / "report.json"))
+        print_table(report, console)
+        console.print(f"{suite.report_path / 'report.json'} is up to date for this suite content and these "
+                      "checkpoints, so the audit was skipped; pass --force to audit again")
+    else:
+        _audit_models(suite, models, console, not args.no_progress, suite.report_path, started, suite_dir)
     console.print(f"total time: {time.perf_counter() - started:.1f} s")
     return EXIT_OK
 
@@ -352,6 +411,15 @@ def _command_train(args, console) -> int:
 
     validate_suite(dataclasses.replace(suite, train=dataclasses.replace(suite.train, methods=tuple(methods))))
     runs_path = Path(args.output) if args.output else suite.runs_path
+    if args.resume:
+        from trainers.fdpg import latest_checkpoint
+
+        missing = [method for method in methods if latest_checkpoint(runs_path / method, remove_partial=False) is None]
+        if missing:
+            raise InvalidInputError(
+                f"--resume: no complete checkpoint of {', '.join(missing)} in {runs_path}; run without --resume "
+                "to start training"
+            )
     _train_methods(suite, methods, console, not args.no_progress, runs_path, args.steps, Path(args.suite).parent)
     return EXIT_OK
 
@@ -550,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "report_dir. Divergences in nats; intervals are 95%% CIs.",
     )
     run.add_argument("suite", help="path of a suite YAML file, for example suites/quickstart.yaml")
+    run.add_argument("--force", action="store_true",
+                     help="audit again even when the report is up to date for this suite content and these "
+                          "checkpoints")
     _add_device_argument(run)
     run.set_defaults(handler=_command_run)
 

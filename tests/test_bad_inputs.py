@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import TINY_SUITE, save_toy_checkpoint
@@ -172,3 +173,19 @@ def test_import_of_file_that_is_not_gguf(tmp_path, capsys):
     assert "Traceback" not in captured.err
     assert "could not read" in captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_device(tiny_suite, tmp_path, capsys):
+    assert main(["audit", str(tiny_suite), "--model", "embedded:austen", "--device", "tpu"]) == 2
+    _assert_usage_error(capsys, tmp_path, "unknown device 'tpu'; choose auto, cpu, cuda, cuda:N or mps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(tiny_suite, tmp_path, capsys):
+    assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--device", "cuda"]) == 2
+    _assert_usage_error(capsys, tmp_path, "device 'cuda' was asked for, but CUDA is not available here")
+
+
+def test_resume_without_checkpoint(tiny_suite, tmp_path, capsys):
+    assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--resume"]) == 2
+    _assert_usage_error(capsys, tmp_path, "--resume: no complete checkpoint of js in")

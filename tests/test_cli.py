@@ -63,9 +63,27 @@ def test_run_trains_audits_and_reports(tiny_suite, tmp_path, capsys):
     assert len(samples) == 64
     assert {"text", "log_prob", "log_prob_base", "constraint", "log_potential"} <= set(samples.column_names)
 
-    # A second run resumes: nothing left to train, the audit runs again.
+    # A second run has nothing left to do: no steps to train, and the report
+    # already covers this suite content and these weights, so the audit is skipped.
+    written = (tmp_path / "reports" / "report.json").stat().st_mtime_ns
     assert main(["--no-progress", "run", str(tiny_suite)]) == 0
-    assert "0 steps" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "0 steps" in output
+    assert "is up to date for this suite content and these checkpoints, so the audit was skipped" in output
+    assert (tmp_path / "reports" / "report.json").stat().st_mtime_ns == written
+
+    # --force audits again; so does a run after a checkpoint's weights changed.
+    assert main(["--no-progress", "run", str(tiny_suite), "--force"]) == 0
+    assert "audit was skipped" not in capsys.readouterr().out
+    weights = tmp_path / "runs" / "js" / "final" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert main(["--no-progress", "run", str(tiny_suite)]) == 0
+    assert "audit was skipped" not in capsys.readouterr().out
 
     assert main(["--no-progress", "compare", str(tmp_path / "reports")]) == 0
     assert "rlhf" in capsys.readouterr().out

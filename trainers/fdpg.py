@@ -63,6 +63,7 @@ from fdiv_eval.estimators import (
 from fdiv_eval.estimates import Estimate, log_sum_exp
 from fdiv_eval.prompts import Context, build_contexts, per_prompt_count
 from fdiv_eval.sequences import (
+    SampleBatch,
     load_model,
     load_tokenizer,
     sample,
@@ -371,43 +372,22 @@ def train_policy(
         # policy, then score log π_θ with grad, log π0 without, and the target potential.
         chosen = _contexts_for_step(contexts, config, step)
         per_context = config.batch_size // len(chosen)
-        local = _sample_and_score(trained, policy, base, tokenizer, target, chosen, config,
-                                  share(per_context, runtime.rank, runtime.world_size))
-        batch = _gather_step_batch(local, chosen, per_context, runtime)
-        log_target = batch.log_base + batch.log_potential
+        local_count = share(per_context, runtime.rank, runtime.world_size)
+        batches = [sample(policy, context.prompt_ids, local_count, config.max_new_tokens, tokenizer.eos_token_id,
+                          tokenizer.pad_token_id, batch_size=local_count) for context in chosen]
+        local = score_step_samples(trained, base, tokenizer, target, chosen, batches)
+        batch = gather_step_samples(local, chosen, per_context, runtime)
 
-        # 3. Running log Z_c of each prompt from the on-policy importance weights P/π_θ,
-        # over the samples of every rank.
-        log_z_rows = []
-        for context, rows in zip(chosen, torch.split(log_target - batch.log_policy, batch.groups)):
-            index = context.index
-            log_z_sums[index], log_z_counts[index] = update_log_partition(log_z_sums[index], log_z_counts[index], rows)
-            log_z_rows.append(torch.full((rows.numel(),), log_z_sums[index] - math.log(log_z_counts[index]),
-                                         dtype=torch.float64))
-        log_z_per_sample = torch.cat(log_z_rows)
-        log_z = float(log_z_per_sample.mean())
-
-        # 4-6. Pseudo-reward −f′(π_θ/p) with each prompt's log Ẑ_c, a baseline within
-        # each prompt's samples, the surrogate loss, and one clipped optimizer step.
-        if runtime.is_distributed:
-            step_loss = fdpg_loss(divergence, batch.log_policy, log_target, log_z_per_sample, config.baseline,
-                                  batch.groups)
-            advantages = step_loss.advantages[batch.local_rows].to(local.log_policy.device)
-            loss = sharded_surrogate_loss(advantages, local.log_policy, len(batch.texts), runtime.world_size)
-        else:
-            device_log_target = log_target.to(local.log_policy.device)
-            step_loss = fdpg_loss(divergence, local.log_policy, device_log_target,
-                                  log_z_per_sample.to(local.log_policy.device), config.baseline, batch.groups)
-            loss = step_loss.loss
+        # 3-6. Running log Z_c, pseudo-rewards, baselines and the surrogate loss's gradient.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        outcome = backward_step(divergence, config.baseline, local, batch, chosen, log_z_sums, log_z_counts, runtime)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
         optimizer.step()
 
         # 7. Log and checkpoint (rank 0 writes).
         if runtime.is_main:
-            metrics = _step_metrics(step, step_loss, divergence, target, batch, log_target, log_z_per_sample,
-                                    log_z, grad_norm, optimizer, time.perf_counter() - step_started)
+            metrics = _step_metrics(step, outcome, divergence, target, batch, grad_norm, optimizer,
+                                    time.perf_counter() - step_started)
             with log_path.open("a") as stream:
                 stream.write(json.dumps(_finite_or_string(metrics)) + "\n")
         if step % config.checkpoint_every == 0 and step != config.steps:
@@ -498,16 +478,14 @@ class _StepBatch:
     local_rows: torch.Tensor
 
 
-def _sample_and_score(trained, policy, base, tokenizer, target, chosen: list[Context], config: FDPGConfig,
-                      count: int) -> _LocalStep:
-    """Draw ``count`` samples per chosen prompt from this rank's stream and score them."""
+def score_step_samples(trained, base, tokenizer, target, chosen: list[Context], batches: list[SampleBatch]
+                       ) -> _LocalStep:
+    """Score this rank's samples of one step: log π_θ with its graph, log π0 and log potential, per prompt."""
     log_policy_parts, log_base_parts, log_potential_parts, texts, lengths, counts = [], [], [], [], [], []
-    for context in chosen:
-        batch = sample(policy, context.prompt_ids, count, config.max_new_tokens,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=count)
+    for context, batch in zip(chosen, batches):
         log_policy_parts.append(sequence_log_probs_with_grad(trained, batch))
         with torch.no_grad():
-            log_base_parts.append(score(base, batch, batch_size=count).log_prob)
+            log_base_parts.append(score(base, batch, batch_size=len(batch)).log_prob)
         context_texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
         context_prompts = None if context.text is None else [context.text] * len(context_texts)
         log_potential_parts.append(torch.from_numpy(target.log_potential(context_texts, context_prompts)))
@@ -518,7 +496,7 @@ def _sample_and_score(trained, policy, base, tokenizer, target, chosen: list[Con
                       texts, torch.cat(lengths), counts)
 
 
-def _gather_step_batch(local: _LocalStep, chosen: list[Context], per_context: int, runtime: Runtime) -> _StepBatch:
+def gather_step_samples(local: _LocalStep, chosen: list[Context], per_context: int, runtime: Runtime) -> _StepBatch:
     """Gather every rank's share of the step, in prompt-then-rank order."""
     detached = local.log_policy.detach().cpu()
     if not runtime.is_distributed:
@@ -546,17 +524,65 @@ def _gather_step_batch(local: _LocalStep, chosen: list[Context], per_context: in
                       [per_context] * len(chosen), local_rows)
 
 
-def _step_metrics(step: int, step_loss, divergence, target, batch: _StepBatch, log_target: torch.Tensor,
-                  log_z_per_sample: torch.Tensor, log_z: float, grad_norm, optimizer, seconds: float) -> dict:
+@dataclass
+class StepOutcome:
+    """What one step's backward pass was built from, for the training log."""
+
+    step_loss: object
+    """The FDPGLoss over the samples of every rank (its loss is the value of the optimized loss)."""
+    log_target: torch.Tensor
+    log_z_per_sample: torch.Tensor
+    log_z: float
+
+
+def backward_step(divergence, baseline: str, local: _LocalStep, batch: _StepBatch, chosen: list[Context],
+                  log_z_sums: list[float], log_z_counts: list[int], runtime: Runtime) -> StepOutcome:
+    """Update the running log Ẑ_c, build the f-DPG loss and backpropagate it into the policy's gradients.
+
+    ``log_z_sums`` and ``log_z_counts`` are updated in place. In one process
+    the loss is ``fdpg_loss`` on the local tensors. Across N ranks, the
+    pseudo-rewards and baselines come from the gathered ``batch`` (the same on
+    every rank) and each rank backpropagates its rows' share of the loss.
+    """
+    log_target = batch.log_base + batch.log_potential
+
+    # 3. Running log Z_c of each prompt from the on-policy importance weights P/π_θ,
+    # over the samples of every rank.
+    log_z_rows = []
+    for context, rows in zip(chosen, torch.split(log_target - batch.log_policy, batch.groups)):
+        index = context.index
+        log_z_sums[index], log_z_counts[index] = update_log_partition(log_z_sums[index], log_z_counts[index], rows)
+        log_z_rows.append(torch.full((rows.numel(),), log_z_sums[index] - math.log(log_z_counts[index]),
+                                     dtype=torch.float64))
+    log_z_per_sample = torch.cat(log_z_rows)
+
+    # 4-6. Pseudo-reward −f′(π_θ/p) with each prompt's log Ẑ_c, a baseline within
+    # each prompt's samples, and the surrogate loss.
+    device = local.log_policy.device
+    if runtime.is_distributed:
+        step_loss = fdpg_loss(divergence, batch.log_policy, log_target, log_z_per_sample, baseline, batch.groups)
+        advantages = step_loss.advantages[batch.local_rows].to(device)
+        loss = sharded_surrogate_loss(advantages, local.log_policy, len(batch.texts), runtime.world_size)
+    else:
+        step_loss = fdpg_loss(divergence, local.log_policy, log_target.to(device), log_z_per_sample.to(device),
+                              baseline, batch.groups)
+        loss = step_loss.loss
+    loss.backward()
+    return StepOutcome(step_loss, log_target, log_z_per_sample, float(log_z_per_sample.mean()))
+
+
+def _step_metrics(step: int, outcome: StepOutcome, divergence, target, batch: _StepBatch, grad_norm, optimizer,
+                  seconds: float) -> dict:
     """The training log record of one step, over the samples of every rank."""
     satisfied = target.constraint(batch.texts)
     divergence_on_batch = policy_divergence(
-        divergence, (batch.log_policy - log_target + log_z_per_sample).numpy(), _fixed_log_partition(0.0)
+        divergence, (batch.log_policy - outcome.log_target + outcome.log_z_per_sample).numpy(),
+        _fixed_log_partition(0.0),
     )
     return {
         "step": step,
-        **step_loss.log_record(),
-        "train/log_partition": log_z,
+        **outcome.step_loss.log_record(),
+        "train/log_partition": outcome.log_z,
         "train/constraint_satisfaction": float(satisfied.mean()),
         "train/kl_to_base": float((batch.log_policy - batch.log_base).mean()),
         f"train/{divergence.name}_on_batch": divergence_on_batch.value,

@@ -1,0 +1,265 @@
+"""torchrun support: shares, seeds, devices, and 2-process runs on the CPU with gloo.
+
+The multi-process tests launch ``python -m torch.distributed.run --standalone``,
+which rendezvouses on a free loopback port, and compare against one process.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from distributed_worker import run_step
+from fdiv_eval.distributed import (
+    Runtime,
+    map_sharded,
+    rank_seed,
+    resolve_device,
+    sample_sharded,
+    share,
+    share_bounds,
+)
+from fdiv_eval.errors import InvalidInputError
+from fdiv_eval.sequences import load_model, load_tokenizer, sample
+
+TESTS = Path(__file__).parent
+# Guards against a deadlocked process group hanging CI; not a speed limit.
+DEADLOCK_GUARD_SECONDS = 900
+
+
+def _torchrun(arguments: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               *arguments]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=DEADLOCK_GUARD_SECONDS)
+
+
+def _fdiv(arguments: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    result = _torchrun(["-m", "fdiv_eval.cli", "--no-progress", *arguments], cwd, processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@given(st.integers(0, 500), st.integers(1, 9))
+def test_shares_cover_every_item_once(total, world_size):
+    bounds = [share_bounds(total, rank, world_size) for rank in range(world_size)]
+    assert bounds[0][0] == 0
+    assert bounds[-1][1] == total
+    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+        assert stop == start
+    sizes = [share(total, rank, world_size) for rank in range(world_size)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_rank_seed_is_the_seed_in_one_process_and_distinct_across_ranks():
+    assert rank_seed(1234, 0, 1) == 1234
+    seeds = {rank_seed(1234, rank, 4) for rank in range(4)}
+    assert len(seeds) == 4
+    assert rank_seed(1234, 1, 4) == rank_seed(1234, 1, 4)
+    assert rank_seed(1234, 1, 4) != rank_seed(1234, 1, 2)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device(None).type == expected
+    with pytest.raises(InvalidInputError, match="unknown device 'tpu'; choose auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="CUDA is not available here; use --device cpu"):
+            resolve_device("cuda:0")
+
+
+def test_one_process_helpers_are_the_plain_functions():
+    tokenizer = load_tokenizer("embedded:austen")
+    model = load_model("embedded:austen")
+    prompt = torch.tensor([tokenizer.bos_token_id])
+    plain = sample(model, prompt, 10, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=4)
+    shared = sample_sharded(model, prompt, 10, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=4,
+                            runtime=Runtime())
+    assert torch.equal(plain.sequences, shared.sequences)
+    assert np.array_equal(map_sharded(lambda texts: [len(t) for t in texts], ["a", "bb"], Runtime()), [1, 2])
+
+
+@pytest.mark.parametrize("baseline, per_prompt, prompts", [
+    ("mean", 12, None),
+    ("none", 9, None),  # shares of 5 and 4 rows
+    ("leave_one_out", 7, ["She", "He was"]),  # two prompts, each split 4 + 3
+])
+def test_two_process_step_equals_one_process_step(tmp_path, baseline, per_prompt, prompts):
+    output = tmp_path / "two.pt"
+    result = _torchrun([str(TESTS / "distributed_worker.py"), str(output), baseline, str(per_prompt), *(prompts or [])],
+                       tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(output, weights_only=True)
+    one = run_step(None, baseline, per_prompt, prompts)
+
+    # The same rows in the same order, the same running log Ẑ (float64 sums), the same loss.
+    assert two["texts"] == one["texts"]
+    assert two["log_z_counts"] == one["log_z_counts"]
+    assert two["log_z_sums"] == pytest.approx(one["log_z_sums"], abs=1e-12)
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-9)
+    scale = max(float(gradient.abs().max()) for gradient in one["gradients"].values())
+    assert scale > 0.01, "the fixed samples must give a nonzero gradient, or the comparison proves nothing"
+    for name, gradient in one["gradients"].items():
+        # float32 gradients of order 1; DDP sums two partial gradients, so the
+        # summation order differs from one process: a few ulps, below 1e-6.
+        torch.testing.assert_close(two["gradients"][name], gradient, rtol=0, atol=1e-6, msg=name)
+
+
+AUDIT_SUITE = """
+name: twoproc
+base_model: embedded:austen
+max_new_tokens: 8
+target:
+  type: word_list
+  words: [she, her, he]
+  epsilon: 0.001
+train:
+  methods: [gdc]
+  steps: 4
+  batch_size: 16
+  checkpoint_every: 2
+  log_partition_samples: 128
+audit:
+  samples: 384
+  base_samples: 512
+  batch_size: 128
+  self_bleu_samples: 40
+  bootstrap_resamples: 50
+  seed: 77
+runs_dir: runs
+report_dir: reports
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_suite(tmp_path_factory):
+    """A suite folder with a gdc checkpoint trained by one process."""
+    from fdiv_eval.cli import main
+
+    folder = tmp_path_factory.mktemp("twoproc")
+    (folder / "suite.yaml").write_text(AUDIT_SUITE)
+    current = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["--no-progress", "train", "suite.yaml"]) == 0
+    finally:
+        os.chdir(current)
+    return folder
+
+
+def _metrics(report: dict) -> dict[tuple[str, str], dict]:
+    return {(model["name"], name): metric for model in report["models"] for name, metric in model["metrics"].items()}
+
+
+def _read(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_two_process_audit_reproduces_itself_and_agrees_with_one_process(trained_suite):
+    for output, processes in (("two-a", 2), ("two-b", 2), ("one", 1)):
+        _fdiv(["audit", "suite.yaml", "--output", output], trained_suite, processes)
+    first, second, single = (_read(trained_suite / name) for name in ("two-a", "two-b", "one"))
+    assert first["settings"]["processes"] == 2
+    assert single["settings"]["processes"] == 1
+
+    # A fixed seed and process count give the same report, value for value.
+    assert _metrics(first) == _metrics(second)
+    assert first["log_partition"] == second["log_partition"]
+    assert first["pairwise"] == second["pairwise"]
+
+    # The two ranks drew different rows, and not the rows of one process.
+    from datasets import Dataset
+
+    two_rows = Dataset.from_parquet(str(trained_suite / "two-a" / "samples" / "gdc.parquet"))["token_ids"]
+    one_rows = Dataset.from_parquet(str(trained_suite / "one" / "samples" / "gdc.parquet"))["token_ids"]
+    assert len(two_rows) == len(one_rows) == 384
+    assert two_rows[:192] != two_rows[192:]
+    assert two_rows != one_rows
+
+    # Independent samples of one audit: every metric's 95% intervals overlap.
+    compared = 0
+    for key, metric in _metrics(single).items():
+        other = _metrics(first)[key]
+        bounds = [metric["ci_low"], metric["ci_high"], other["ci_low"], other["ci_high"]]
+        if not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds):
+            continue
+        assert other["ci_low"] <= metric["ci_high"] and metric["ci_low"] <= other["ci_high"], (key, metric, other)
+        compared += 1
+    assert compared >= 40
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_two_process_training_resumes_to_the_uninterrupted_result(trained_suite):
+    _fdiv(["train", "suite.yaml", "--output", "runs-whole"], trained_suite)
+    _fdiv(["train", "suite.yaml", "--output", "runs-split", "--steps", "2"], trained_suite)
+    result = _fdiv(["train", "suite.yaml", "--output", "runs-split", "--resume"], trained_suite)
+    assert "resumed from step 2" in result.stdout
+
+    whole, split = trained_suite / "runs-whole" / "gdc", trained_suite / "runs-split" / "gdc"
+    for name, tensor in _weights(whole / "final").items():
+        assert torch.equal(_weights(split / "final")[name], tensor), name
+
+    # Rank 0 alone wrote the log: one record per step.
+    steps = [json.loads(line)["step"] for line in (whole / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    state = json.loads((whole / "final" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    tensors = torch.load(whole / "final" / "optimizer_and_rng.pt", weights_only=True)
+    assert len(tensors["random_states_per_rank"]) == 2
+    assert not torch.equal(tensors["random_states_per_rank"][0]["torch_rng"],
+                           tensors["random_states_per_rank"][1]["torch_rng"])
+
+
+def test_resuming_with_another_process_count_warns(trained_suite):
+    from fdiv_eval.cli import main
+
+    _fdiv(["train", "suite.yaml", "--output", "runs-mixed", "--steps", "2"], trained_suite)
+    current = os.getcwd()
+    os.chdir(trained_suite)
+    try:
+        import logging
+
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("trainers.fdpg").addHandler(handler)
+        try:
+            assert main(["--no-progress", "train", "suite.yaml", "--output", "runs-mixed"]) == 0
+        finally:
+            logging.getLogger("trainers.fdpg").removeHandler(handler)
+    finally:
+        os.chdir(current)
+    messages = [record.getMessage() for record in records]
+    assert any("was written by 2 processes and this run has 1" in message for message in messages), messages
+    assert json.loads((trained_suite / "runs-mixed" / "gdc" / "final" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_too_few_samples_per_process_is_an_input_error(trained_suite):
+    suite = AUDIT_SUITE.replace("batch_size: 16", "batch_size: 2")
+    (trained_suite / "small.yaml").write_text(suite.replace("name: twoproc", "name: small"))
+    result = _torchrun(["-m", "fdiv_eval.cli", "--no-progress", "train", "small.yaml", "--output", "runs-small"],
+                       trained_suite, processes=3)
+    # Each worker exits with 2 after one error line; torchrun itself then exits
+    # with 1 and prints its own summary (with its own traceback) of the failed workers.
+    assert result.returncode == 1
+    assert "exitcode  : 2" in result.stderr
+    assert "each step draws 2 samples per prompt (batch_size 2 over 1 prompts), fewer than the 3 processes" in result.stderr
+    assert "InvalidInputError" not in result.stderr
+    assert "fdiv_eval/" not in result.stderr
+    assert not (trained_suite / "runs-small").exists()
