@@ -8,12 +8,12 @@ variables everything runs as one process and no process group is created.
 
 The rules that keep a multi-process result equal to a single-process one:
 
-- a draw of n samples is split into contiguous shares, rank r taking
-  ``share(n, r, N)`` of them; each rank samples its share from its own seeded
-  stream (``rank_seed``), so a fixed N and seed always give the same samples;
-- per-sample statistics are gathered in rank order, so every rank ends up
-  with the same arrays, in the same order, as one process that drew the union;
-- only rank 0 writes files and prints.
+- a draw of n samples is split into contiguous shares, and rank r takes
+  ``share(n, r, N)`` of them. Each rank samples its share from its own seeded
+  stream (``rank_seed``), so a fixed N and seed always give the same samples.
+- Per-sample statistics are gathered in rank order, so every rank ends up
+  with the same arrays, in the same order, as one process that drew the union.
+- Only rank 0 writes files and prints.
 
 With N = 1 every helper here calls the single-process function with the same
 arguments, so results do not change when torch.distributed is not in use.
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: its rank among ``world_size`` processes and its device."""
+    """The rank of this process among ``world_size`` processes, and its device."""
 
     rank: int = 0
     world_size: int = 1
@@ -79,7 +79,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidInputError(f"device {name!r} was asked for, but CUDA is not available here; use --device cpu")
+            raise InvalidInputError(f"device {name!r} was requested, but CUDA is not available here; use --device cpu")
         index = local_rank if device.index is None else device.index
         if index >= torch.cuda.device_count():
             raise InvalidInputError(
@@ -88,7 +88,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
             )
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidInputError(f"device {name!r} was asked for, but MPS is not available here; use --device cpu")
+        raise InvalidInputError(f"device {name!r} was requested, but MPS is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise InvalidInputError(f"unsupported device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
     return device

@@ -183,7 +183,7 @@ def test_unknown_device(tiny_suite, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(tiny_suite, tmp_path, capsys):
     assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--device", "cuda"]) == 2
-    _assert_usage_error(capsys, tmp_path, "device 'cuda' was asked for, but CUDA is not available here")
+    _assert_usage_error(capsys, tmp_path, "device 'cuda' was requested, but CUDA is not available here")
 
 
 def test_resume_without_checkpoint(tiny_suite, tmp_path, capsys):

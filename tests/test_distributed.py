@@ -61,7 +61,7 @@ def test_shares_cover_every_item_once(total, world_size):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_rank_seed_is_the_seed_in_one_process_and_distinct_across_ranks():
+def test_rank_seeds_distinct_across_ranks():
     assert rank_seed(1234, 0, 1) == 1234
     seeds = {rank_seed(1234, rank, 4) for rank in range(4)}
     assert len(seeds) == 4
@@ -168,7 +168,7 @@ def _read(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text())
 
 
-def test_two_process_audit_reproduces_itself_and_agrees_with_one_process(trained_suite):
+def test_two_process_audit_reproducible(trained_suite):
     for output, processes in (("two-a", 2), ("two-b", 2), ("one", 1)):
         _fdiv(["audit", "suite.yaml", "--output", output], trained_suite, processes)
     first, second, single = (_read(trained_suite / name) for name in ("two-a", "two-b", "one"))
@@ -196,7 +196,8 @@ def test_two_process_audit_reproduces_itself_and_agrees_with_one_process(trained
         bounds = [metric["ci_low"], metric["ci_high"], other["ci_low"], other["ci_high"]]
         if not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds):
             continue
-        assert other["ci_low"] <= metric["ci_high"] and metric["ci_low"] <= other["ci_high"], (key, metric, other)
+        assert other["ci_low"] <= metric["ci_high"], (key, metric, other)
+        assert metric["ci_low"] <= other["ci_high"], (key, metric, other)
         compared += 1
     assert compared >= 40
 
@@ -250,16 +251,60 @@ def test_resuming_with_another_process_count_warns(trained_suite):
     assert json.loads((trained_suite / "runs-mixed" / "gdc" / "final" / "trainer_state.json").read_text())["step"] == 4
 
 
-def test_too_few_samples_per_process_is_an_input_error(trained_suite):
+def test_too_few_samples_per_process(trained_suite):
     suite = AUDIT_SUITE.replace("batch_size: 16", "batch_size: 2")
     (trained_suite / "small.yaml").write_text(suite.replace("name: twoproc", "name: small"))
     result = _torchrun(["-m", "fdiv_eval.cli", "--no-progress", "train", "small.yaml", "--output", "runs-small"],
                        trained_suite, processes=3)
-    # Each worker exits with 2 after one error line; torchrun itself then exits
-    # with 1 and prints its own summary (with its own traceback) of the failed workers.
+    # Each worker exits with 2 after one error line. torchrun itself then exits
+    # with 1 and prints its own summary of the failed workers, with its own traceback.
     assert result.returncode == 1
     assert "exitcode  : 2" in result.stderr
     assert "each step draws 2 samples per prompt (batch_size 2 over 1 prompts), fewer than the 3 processes" in result.stderr
     assert "InvalidInputError" not in result.stderr
     assert "fdiv_eval/" not in result.stderr
     assert not (trained_suite / "runs-small").exists()
+
+
+PROMPTED_SUITE = """
+name: prompted
+base_model: embedded:austen
+max_new_tokens: 8
+prompts:
+  file: prompts.txt
+target:
+  type: reward
+  reward: {type: vader, field: compound}
+  beta: 0.5
+train:
+  methods: [js]
+  steps: 2
+  batch_size: 16
+  prompts_per_step: 2
+  checkpoint_every: 2
+  log_partition_samples: 60
+audit:
+  samples: 60
+  base_samples: 120
+  batch_size: 64
+  self_bleu_samples: 20
+  bootstrap_resamples: 20
+runs_dir: runs
+report_dir: reports
+"""
+
+
+def test_two_process_prompted_run(tmp_path):
+    (tmp_path / "prompts.txt").write_text("It was the\nShe had been\nThe house of\n")
+    (tmp_path / "suite.yaml").write_text(PROMPTED_SUITE)
+    _fdiv(["run", "suite.yaml"], tmp_path)
+
+    report = _read(tmp_path / "reports")
+    assert report["settings"]["processes"] == 2
+    assert [model["name"] for model in report["models"]] == ["base", "js"]
+    for model in report["models"]:
+        assert len(model["info"]["per_prompt"]) == 3
+        assert model["metrics"]["kl_to_base"]["n"] > 0
+    assert report["models"][0]["metrics"]["kl_to_base"]["value"] == 0.0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "js" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -279,7 +279,7 @@ def train_policy(
     With ``prompts``, each step draws ``prompts_per_step`` of them; every
     prompt c keeps its own running log Ẑ_c, and the baseline is taken within
     the samples of each prompt. ``runtime`` (default: ``distributed.current()``)
-    says which rank this is and where the models run.
+    gives this process's rank and the device of the models.
     """
     runtime = runtime or current()
     _validate(config, target)
@@ -296,8 +296,10 @@ def train_policy(
     _check_shares(config, len(contexts), runtime.world_size)
 
     # Rank 0 removes torn checkpoints; the others look only once it is done.
-    resume_from = latest_checkpoint(output_dir, remove_partial=runtime.is_main)
+    if runtime.is_main and output_dir.is_dir():
+        _remove_partial_checkpoints(output_dir)
     barrier(runtime)
+    resume_from = latest_checkpoint(output_dir, remove_partial=False)
     if resume_from is not None:
         state = json.loads((resume_from / STATE_FILE).read_text())
         if state.get("method") != config.method or state.get("suite_hash") != config.suite_hash:
@@ -438,7 +440,7 @@ def _resume_random_states(tensors: dict, config: FDPGConfig, start_step: int, ru
         return
     # NOTE: the sample streams of N processes cannot be split into those of M,
     # so the resumed run continues from the same weights and optimizer state
-    # with fresh, seeded streams; it no longer matches an uninterrupted run bitwise.
+    # with fresh, seeded streams. It no longer matches an uninterrupted run bitwise.
     if runtime.is_main:
         logger.warning(
             "checkpoint %s was written by %d processes and this run has %d: each rank gets a fresh random stream "
