@@ -237,8 +237,8 @@ def _write_report(suite, target, audits, base_columns: dict, log_partition, extr
     report = build_report(suite.name, suite.content_hash(), target.describe(), log_partition,
                           entries, settings, elapsed_seconds=round(time.perf_counter() - started, 1),
                           pairwise=pairwise)
-    # Each file is replaced atomically, and report.json comes last: a crash
-    # before it leaves the previous report.json, which `fdiv run` then sees as stale.
+    # Each file is replaced atomically, and report.json comes last, so a crash
+    # before it leaves the previous report.json whole.
     write_atomic(report_path / "report.md", render_markdown(report))
     write_json(report, report_path / "report.json")
     print_table(report, console)
