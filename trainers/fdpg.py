@@ -428,7 +428,9 @@ def _wrap_for_gradients(policy, runtime: Runtime):
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DistributedDataParallel(policy, device_ids=device_ids)
+    # Every rank loads the same checkpoint and no buffer changes during training,
+    # so the per-forward broadcast of buffers from rank 0 is skipped.
+    return DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False)
 
 
 def _resume_random_states(tensors: dict, config: FDPGConfig, start_step: int, runtime: Runtime,
