@@ -7,7 +7,9 @@ uninterrupted run bit for bit and the training log has each step exactly once.
 
 With ``--processes N`` (N > 1) every run goes through ``torchrun
 --standalone --nproc-per-node N``, and a kill sends SIGKILL to the launcher
-and all its workers at once, as when a machine fails.
+and all its workers at once, as when a machine fails. torchrun starts each
+worker in a session of its own, so the workers are found through /proc
+(Linux only) rather than through the launcher's process group.
 
 Usage::
 
@@ -63,6 +65,35 @@ def _train(suite: Path, output: Path, processes: int) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Return the process ids of every descendant of ``pid``, read from /proc (Linux)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return [grandchild for child in children for grandchild in [child, *_descendants(child)]]
+
+
+def _kill_everything(process: subprocess.Popen) -> list[int]:
+    """SIGKILL a run's launcher and all its descendants at once; return their process ids."""
+    targets = [process.pid, *_descendants(process.pid)]
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return targets
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def _same_weights(first: Path, second: Path) -> bool:
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
@@ -110,16 +141,19 @@ def main(argv=None) -> int:
             time.sleep(extra)
             delay = after_steps + extra
             killed = process.poll() is None
-            if killed:
-                os.killpg(process.pid, signal.SIGKILL)
+            targets = _kill_everything(process) if killed else []
             process.wait()
+            # Wait for every killed worker to be gone (or a zombie) before the rerun starts.
+            while any(_state(pid) != "Z" for pid in targets[1:]):
+                time.sleep(0.05)
+            signalled = len(targets)
             checkpoints = sorted(p.name for p in (run / "js").glob("step-*")) if (run / "js").exists() else []
             resumed = _train(suite, run, args.processes)
             code = resumed.wait()
             error = resumed.stderr.read().decode().strip().splitlines()
             same = code == 0 and _same_weights(folder / "reference" / "js" / "final", run / "js" / "final")
             steps_ok = code == 0 and _log_steps(run) == list(range(1, 17))
-            rows.append((trial, delay, killed, checkpoints[-1] if checkpoints else "none", code, same, steps_ok,
+            rows.append((trial, delay, signalled, checkpoints[-1] if checkpoints else "none", code, same, steps_ok,
                          error[-1] if error and code else ""))
             print(rows[-1], flush=True)
 
@@ -131,7 +165,7 @@ def main(argv=None) -> int:
         shown = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output.name
         command += f" --processes {args.processes} --output {shown}"
         launcher = (f"`torchrun --standalone --nproc-per-node {args.processes} -m fdiv_eval.cli train` "
-                    "(launcher and workers together, with one killpg)")
+                    "(the launcher and every worker at once, found through /proc)")
     lines = [
         "# Kill-and-resume reliability" + (f" under torchrun, {args.processes} processes" if args.processes > 1 else ""),
         "",
@@ -145,11 +179,11 @@ def main(argv=None) -> int:
         f"**{passed} of {len(rows)} trials** ended with final weights bitwise equal to the uninterrupted run "
         "and a training log with steps 1–16 exactly once.",
         "",
-        "| trial | killed after step + seconds | killed while running | newest checkpoint at kill | rerun exit | same weights | log steps 1–16 once |",
+        "| trial | killed after step + seconds | processes killed | newest checkpoint at kill | rerun exit | same weights | log steps 1–16 once |",
         "|---|---|---|---|---|---|---|",
     ]
-    for trial, delay, killed, checkpoint, code, same, steps_ok, _ in rows:
-        lines.append(f"| {trial} | {delay:.2f} | {killed} | {checkpoint} | {code} | {same} | {steps_ok} |")
+    for trial, delay, signalled, checkpoint, code, same, steps_ok, _ in rows:
+        lines.append(f"| {trial} | {delay:.2f} | {signalled} | {checkpoint} | {code} | {same} | {steps_ok} |")
     lines.append("")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines), encoding="utf-8")

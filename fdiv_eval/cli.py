@@ -151,7 +151,11 @@ def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path
                     f"{key.removeprefix('train/')} {last[key]:.3f}" for key in shown) + ", "
             summary += f"KL to base {last['train/kl_to_base']:.2f} nats"
         resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
-        console.print(f"{method}: {result.steps_run} steps in {result.seconds:.1f} s{resumed}{summary}")
+        if result.resumed_from_step > config.steps:
+            console.print(f"{method}: already trained to step {result.resumed_from_step}, past the {config.steps} "
+                          f"steps requested; nothing to train ({result.final_checkpoint})")
+        else:
+            console.print(f"{method}: {result.steps_run} steps in {result.seconds:.1f} s{resumed}{summary}")
         checkpoints[method] = result.final_checkpoint
     return checkpoints
 

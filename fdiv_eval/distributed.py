@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +125,41 @@ def setup(device: str | None = None) -> Runtime:
             backend = "nccl" if resolved.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
             logger.info("rank %d of %d joined the %s process group on %s", rank, world_size, backend, resolved)
+        _watch_launcher()
     _current = Runtime(rank, world_size, local_rank, resolved)
     return _current
+
+
+LAUNCHER_POLL_SECONDS = 1.0
+"""How often a worker checks that the torchrun process that started it is still alive."""
+_watching = False
+
+
+def _watch_launcher() -> None:
+    """Stop this worker soon after the torchrun launcher dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL to the
+    launcher's process group (or an out-of-memory kill of the launcher) would
+    leave the workers running and writing to the run folder. Once the
+    launcher is gone the worker is re-parented, its parent process id
+    changes, and a daemon thread ends the process. A checkpoint write cut
+    short this way leaves only a staging folder, which the next run removes.
+    """
+    global _watching
+    if _watching or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    _watching = True
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(LAUNCHER_POLL_SECONDS)
+            if os.getppid() != launcher:
+                logger.error("the torchrun launcher (process %d) has exited; stopping this worker", launcher)
+                logging.shutdown()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fdiv-launcher-watch", daemon=True).start()
 
 
 def teardown() -> None:

@@ -189,3 +189,19 @@ def test_cuda_device_without_cuda(tiny_suite, tmp_path, capsys):
 def test_resume_without_checkpoint(tiny_suite, tmp_path, capsys):
     assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--resume"]) == 2
     _assert_usage_error(capsys, tmp_path, "--resume: no complete checkpoint of js in")
+
+
+def test_second_run_in_busy_folder(tiny_suite, tmp_path, capsys):
+    import fcntl
+
+    folder = tmp_path / "busy" / "js"
+    folder.mkdir(parents=True)
+    with (folder / ".lock").open("a+") as held:
+        # This open file description plays the first run: flock conflicts with any other one.
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        arguments = ["--no-progress", "train", str(tiny_suite), "--method", "js", "--output", str(tmp_path / "busy")]
+        assert main(arguments) == 2
+    _assert_usage_error(capsys, tmp_path, "another run is training in")
+    assert sorted(path.name for path in folder.iterdir()) == [".lock"]

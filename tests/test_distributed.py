@@ -260,7 +260,8 @@ def test_too_few_samples_per_process(trained_suite):
     # with 1 and prints its own summary of the failed workers, with its own traceback.
     assert result.returncode == 1
     assert "exitcode  : 2" in result.stderr
-    assert "each step draws 2 samples per prompt (batch_size 2 over 1 prompts), fewer than the 3 processes" in result.stderr
+    assert "each step draws 2 samples, fewer than the 3 processes that share them" in result.stderr
+    assert "raise train.batch_size to at least 3" in result.stderr
     assert "InvalidInputError" not in result.stderr
     assert "fdiv_eval/" not in result.stderr
     assert not (trained_suite / "runs-small").exists()
@@ -308,3 +309,55 @@ def test_two_process_prompted_run(tmp_path):
     assert report["models"][0]["metrics"]["kl_to_base"]["value"] == 0.0
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "js" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker process ids from /proc (Linux)")
+def test_workers_stop_when_launcher_killed(trained_suite):
+    import signal
+    import time
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "fdiv_eval.cli", "--no-progress", "train", "suite.yaml", "--output", "runs-orphan",
+               "--steps", "400"]
+    launcher = subprocess.Popen(command, cwd=trained_suite, env=environment, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    log = trained_suite / "runs-orphan" / "gdc" / "train_log.jsonl"
+    waited = 0.0
+    while not (log.exists() and log.read_text().strip()) and waited < DEADLOCK_GUARD_SECONDS:
+        assert launcher.poll() is None, "the training run ended before it could be killed"
+        time.sleep(0.1)
+        waited += 0.1
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+
+    # SIGKILL reaches the launcher alone: torchrun gives each worker a session of its own.
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    waited = 0.0
+    while any(_alive(pid) for pid in workers) and waited < DEADLOCK_GUARD_SECONDS:
+        time.sleep(0.1)
+        waited += 0.1
+    assert not any(_alive(pid) for pid in workers)
+
+    # The folder is free again, and a rerun resumes from what the killed run left.
+    result = _fdiv(["train", "suite.yaml", "--output", "runs-orphan", "--steps", "6"], trained_suite)
+    assert "gdc:" in result.stdout
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == sorted(set(steps))
+    assert steps[-1] >= 6

@@ -6,6 +6,7 @@ everything else is this one loop. Natural logs, nats.
 
 Output folder layout (``output_dir``)::
 
+    .lock                    held (flock) by the process that trains in this folder
     train_log.jsonl          one JSON record per step, namespaced keys
     step-000040/             resumable checkpoint: HF model + tokenizer,
                              trainer_state.json, optimizer_and_rng.pt
@@ -45,6 +46,7 @@ from fdiv_eval.distributed import (
     Runtime,
     all_gather_objects,
     barrier,
+    broadcast_object,
     current,
     map_sharded,
     rank_seed,
@@ -76,6 +78,7 @@ from trainers.losses import LOGGED_ESTIMATORS, fdpg_loss, sharded_surrogate_loss
 
 logger = logging.getLogger(__name__)
 
+LOCK_FILE = ".lock"
 STATE_FILE = "trainer_state.json"
 TENSOR_STATE_FILE = "optimizer_and_rng.pt"
 LOG_FILE = "train_log.jsonl"
@@ -285,7 +288,6 @@ def train_policy(
     _validate(config, target)
     divergence = get_divergence(config.method, config.alpha)
     output_dir = Path(output_dir)
-    log_path = output_dir / LOG_FILE
     started = time.perf_counter()
 
     tokenizer = load_tokenizer(base_model)
@@ -295,8 +297,29 @@ def train_policy(
     contexts = build_contexts(tokenizer, prompts, config.chat_template)
     _check_shares(config, len(contexts), runtime.world_size)
 
-    # Rank 0 removes torn checkpoints; the others look only once it is done.
-    if runtime.is_main and output_dir.is_dir():
+    # Rank 0 locks the folder, so that a second run cannot write into it at the
+    # same time, and removes torn checkpoints; the others look only once it is done.
+    lock = _RunFolderLock(output_dir) if runtime.is_main else None
+    busy = broadcast_object(lock.acquire() if lock else None, runtime)
+    if busy:
+        raise InvalidInputError(busy)
+    try:
+        return _train_locked(base_model, target, config, output_dir, on_step, prompts, runtime, tokenizer, base,
+                             contexts, divergence, started)
+    except BaseException:
+        if lock is not None:
+            lock.remove_created_folders()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_step, prompts, runtime: Runtime,
+                  tokenizer, base, contexts: list[Context], divergence, started: float) -> TrainResult:
+    """Run the steps of ``train_policy`` once this run holds the folder's lock."""
+    log_path = output_dir / LOG_FILE
+    if runtime.is_main:
         _remove_partial_checkpoints(output_dir)
     barrier(runtime)
     resume_from = latest_checkpoint(output_dir, remove_partial=False)
@@ -332,9 +355,6 @@ def train_policy(
         log_z_sums, log_z_counts = _initial_log_partition(base, tokenizer, target, contexts, config)
         if runtime.is_main and log_path.exists():
             log_path.unlink()
-    # Created only now, so that invalid input leaves no empty run folder behind.
-    if runtime.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     # Dropout stays off while training, so the sampled distribution is the
     # one whose log-probs the loss differentiates.
@@ -401,7 +421,62 @@ def train_policy(
     if start_step < config.steps or not (final / STATE_FILE).is_file():
         # final/ is resumable too: rerunning with more steps continues from it.
         save(final, max(start_step, config.steps))
-    return TrainResult(final, config.steps - start_step, start_step, time.perf_counter() - started, metrics)
+    return TrainResult(final, max(0, config.steps - start_step), start_step, time.perf_counter() - started, metrics)
+
+
+class _RunFolderLock:
+    """An exclusive flock on ``<output_dir>/.lock``, held while one run trains there.
+
+    The kernel releases a flock when its process dies, even by SIGKILL, so a
+    crashed run never leaves a stale lock. Folders that ``acquire`` created
+    are removed again when training fails, so invalid input leaves no empty
+    run folder behind.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.created: Path | None = None
+        self.stream = None
+
+    def acquire(self) -> str | None:
+        """Create the folder if needed and take the lock; return an error message when another run holds it."""
+        missing = [folder for folder in (self.output_dir, *self.output_dir.parents) if not folder.exists()]
+        self.created = missing[-1] if missing else None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.stream = (self.output_dir / LOCK_FILE).open("a+")
+        try:
+            import fcntl
+        except ImportError:
+            # NOTE: without fcntl (Windows) two runs in one folder are not detected.
+            return None
+        try:
+            fcntl.flock(self.stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.stream.seek(0)
+            holder = self.stream.read().strip() or "unknown"
+            self.stream.close()
+            self.stream = None
+            return (f"another run is training in {self.output_dir} (process {holder}); wait for it to finish or stop "
+                    "it, then rerun this command to resume")
+        self.stream.seek(0)
+        self.stream.truncate()
+        self.stream.write(str(os.getpid()))
+        self.stream.flush()
+        return None
+
+    def release(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def remove_created_folders(self) -> None:
+        """Delete the folders that ``acquire`` created, if nothing but the lock file was written there."""
+        if self.created is None or not self.output_dir.is_dir():
+            return
+        if any(path.name != LOCK_FILE for path in self.output_dir.iterdir()):
+            return
+        self.release()
+        shutil.rmtree(self.created, ignore_errors=True)
 
 
 def _check_shares(config: FDPGConfig, prompt_count: int, world_size: int) -> None:
@@ -409,10 +484,12 @@ def _check_shares(config: FDPGConfig, prompt_count: int, world_size: int) -> Non
     prompts_per_step = 1 if prompt_count == 1 else min(config.prompts_per_step, prompt_count)
     per_prompt = config.batch_size // prompts_per_step
     if per_prompt < world_size:
+        drawn = (f"each step draws {per_prompt} samples" if prompt_count == 1 else
+                 f"each step draws {per_prompt} samples per prompt (batch_size {config.batch_size} over "
+                 f"{prompts_per_step} prompts)")
         raise InvalidInputError(
-            f"each step draws {per_prompt} samples per prompt (batch_size {config.batch_size} over "
-            f"{prompts_per_step} prompts), fewer than the {world_size} processes that share them; raise "
-            f"train.batch_size to at least {world_size * prompts_per_step} or launch fewer processes"
+            f"{drawn}, fewer than the {world_size} processes that share them; raise train.batch_size to at least "
+            f"{world_size * prompts_per_step} or launch fewer processes"
         )
 
 
