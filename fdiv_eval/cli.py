@@ -140,6 +140,8 @@ def _train_methods(suite, methods, console, show_progress: bool, runs_path: Path
 
             result = train_policy(suite.base_model, target, config, runs_path / method, on_step=on_step,
                                   prompts=prompts)
+            # Steps done before a resume count as done.
+            advance(max(0, config.steps - done["count"]))
         last = result.last_metrics
         summary = ""
         if last:
@@ -448,6 +450,10 @@ def _command_audit(args, console) -> int:
 
     started = time.perf_counter()
     suite = load_suite(args.suite)
+    if args.samples is not None and args.samples < 2:
+        raise InvalidInputError(f"--samples must be at least 2, got {args.samples}")
+    if args.exact_limit is not None and args.exact_limit < 1:
+        raise InvalidInputError(f"--exact-limit must be at least 1, got {args.exact_limit}")
     overrides = {}
     if args.samples is not None:
         overrides["samples"] = args.samples

@@ -120,7 +120,12 @@ def test_duplicate_model_names(tiny_suite, tmp_path, capsys):
 
 def test_audit_sample_count_option(tiny_suite, tmp_path, capsys):
     assert main(["audit", str(tiny_suite), "--samples", "1", "--model", "embedded:austen"]) == 2
-    _assert_usage_error(capsys, tmp_path, "'audit.samples' must be at least 2, got 1")
+    _assert_usage_error(capsys, tmp_path, "--samples must be at least 2, got 1")
+
+
+def test_audit_exact_limit_option(tiny_suite, tmp_path, capsys):
+    assert main(["audit", str(tiny_suite), "--exact-limit", "0", "--model", "embedded:austen"]) == 2
+    _assert_usage_error(capsys, tmp_path, "--exact-limit must be at least 1, got 0")
 
 
 def test_train_zero_steps_option(tiny_suite, tmp_path, capsys):
