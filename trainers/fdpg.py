@@ -297,8 +297,7 @@ def train_policy(
     contexts = build_contexts(tokenizer, prompts, config.chat_template)
     _check_shares(config, len(contexts), runtime.world_size)
 
-    # Rank 0 locks the folder, so that a second run cannot write into it at the
-    # same time, and removes torn checkpoints; the others look only once it is done.
+    # Rank 0 locks the folder, so that a second run cannot write into it at the same time.
     lock = _RunFolderLock(output_dir) if runtime.is_main else None
     busy = broadcast_object(lock.acquire() if lock else None, runtime)
     if busy:
@@ -319,6 +318,7 @@ def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_s
                   tokenizer, base, contexts: list[Context], divergence, started: float) -> TrainResult:
     """Run the steps of ``train_policy`` once this run holds the folder's lock."""
     log_path = output_dir / LOG_FILE
+    # Rank 0 removes torn checkpoints, and the other ranks look for checkpoints once it is done.
     if runtime.is_main:
         _remove_partial_checkpoints(output_dir)
     barrier(runtime)
@@ -607,7 +607,7 @@ def gather_step_samples(local: _LocalStep, chosen: list[Context], per_context: i
 
 @dataclass
 class StepOutcome:
-    """What one step's backward pass was built from, for the training log."""
+    """The tensors one step's backward pass was built from, kept for the training log."""
 
     step_loss: object
     """The FDPGLoss over the samples of every rank (its loss is the value of the optimized loss)."""
@@ -654,7 +654,7 @@ def backward_step(divergence, baseline: str, local: _LocalStep, batch: _StepBatc
 
 def _step_metrics(step: int, outcome: StepOutcome, divergence, target, batch: _StepBatch, grad_norm, optimizer,
                   seconds: float) -> dict:
-    """The training log record of one step, over the samples of every rank."""
+    """Build the training log record of one step from the samples of every rank."""
     satisfied = target.constraint(batch.texts)
     divergence_on_batch = policy_divergence(
         divergence, (batch.log_policy - outcome.log_target + outcome.log_z_per_sample).numpy(),
