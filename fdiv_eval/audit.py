@@ -201,7 +201,7 @@ def audit_model(
     return ModelAudit(name, model_name, metrics, samples, log_prob_on_base, batch, info)
 
 
-def check_same_tokenizer(name: str, model_path: str, base_tokenizer) -> None:
+def check_same_tokenizer(name: str, model_path: str, base_tokenizer, trust_remote_code: bool = False) -> None:
     """Raise InvalidInputError when a checkpoint's tokenizer differs from the base model's.
 
     Log-probabilities of two models are comparable only over the same token
@@ -209,7 +209,7 @@ def check_same_tokenizer(name: str, model_path: str, base_tokenizer) -> None:
     """
     from fdiv_eval.sequences import load_tokenizer
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
     if tokenizer.get_vocab() != base_tokenizer.get_vocab():
         raise InvalidInputError(
             f"model {name!r} ({model_path}) has another tokenizer than the base model (vocabulary "

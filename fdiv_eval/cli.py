@@ -79,8 +79,8 @@ def _target_from_suite(suite, suite_dir: Path | None = None, base=None, tokenize
 
     from fdiv_eval.distributed import current
 
-    tokenizer = tokenizer or load_tokenizer(suite.base_model)
-    base = base or load_model(suite.base_model, device=current().device)
+    tokenizer = tokenizer or load_tokenizer(suite.base_model, suite.trust_remote_code)
+    base = base or load_model(suite.base_model, device=current().device, trust_remote_code=suite.trust_remote_code)
     contexts = _contexts_from_suite(suite, suite_dir, tokenizer)
     prompt_texts = None if suite.prompts is None else [context.text for context in contexts]
     with progress_factory(console, show_progress and console is not None) as start:
@@ -114,6 +114,7 @@ def _train_config(suite, method: str, steps: int | None = None):
         checkpoint_every=train.checkpoint_every, log_partition_samples=train.log_partition_samples,
         seed=train.seed, suite_hash=suite.content_hash(), prompts_per_step=train.prompts_per_step,
         chat_template=suite.prompts is not None and suite.prompts.chat_template,
+        trust_remote_code=suite.trust_remote_code,
     )
 
 
@@ -176,8 +177,8 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     from fdiv_eval.sequences import load_model, load_tokenizer
 
     runtime = current()
-    tokenizer = load_tokenizer(suite.base_model)
-    base = load_model(suite.base_model, device=runtime.device)
+    tokenizer = load_tokenizer(suite.base_model, suite.trust_remote_code)
+    base = load_model(suite.base_model, device=runtime.device, trust_remote_code=suite.trust_remote_code)
     if suite.audit.exact and suite.prompts is not None:
         raise InvalidInputError("exact mode does not support prompts; set audit.exact to false or remove the prompts")
     if suite.audit.exact:
@@ -193,7 +194,7 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
             )
     for name, model_path, _ in models:
         if model_path != suite.base_model:
-            check_same_tokenizer(name, model_path, tokenizer)
+            check_same_tokenizer(name, model_path, tokenizer, suite.trust_remote_code)
     target = _target_from_suite(suite, suite_dir, base, tokenizer, console, show_progress)
     if suite.prompts is not None:
         return _audit_models_with_prompts(suite, models, console, show_progress, report_path, started, suite_dir,
@@ -202,7 +203,8 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
     with progress_factory(console, show_progress) as start:
         base_sample = draw_base_sample(base, tokenizer, target, suite.audit, suite.max_new_tokens, progress=start)
         for index, (name, model_path, method) in enumerate(models):
-            policy = base if model_path == suite.base_model else load_model(model_path, device=runtime.device)
+            policy = base if model_path == suite.base_model else load_model(
+                model_path, device=runtime.device, trust_remote_code=suite.trust_remote_code)
             loaded[name] = policy
             audit = audit_model(name, model_path, policy, base, tokenizer, target, base_sample, suite.audit,
                                 suite.max_new_tokens, seed_for_model(suite.audit.seed, index), progress=start)
@@ -282,8 +284,8 @@ def _exact_values(suite, audits, models, base, tokenizer, target, start) -> floa
     base64 = copy.deepcopy(base).to(torch.float64)
     log_z = None
     for (audit, _), (_, model_path, _) in zip(audits, models):
-        policy64 = base64 if model_path == suite.base_model else load_model(model_path, dtype=torch.float64,
-                                                                            device=base.device)
+        policy64 = base64 if model_path == suite.base_model else load_model(
+            model_path, dtype=torch.float64, device=base.device, trust_remote_code=suite.trust_remote_code)
         exact = exact_metrics(policy64, base64, tokenizer, target, suite.max_new_tokens, default_prompt(tokenizer),
                               batch_size=suite.audit.batch_size, limit=suite.audit.exact_limit,
                               alphas=suite.audit.alphas)
@@ -312,7 +314,8 @@ def _audit_models_with_prompts(suite, models, console, show_progress: bool, repo
         base_samples = draw_conditional_base_sample(base, tokenizer, target, contexts, suite.audit,
                                                     suite.max_new_tokens, progress=start)
         for index, (name, model_path, method) in enumerate(models):
-            policy = base if model_path == suite.base_model else load_model(model_path, device=current().device)
+            policy = base if model_path == suite.base_model else load_model(
+                model_path, device=current().device, trust_remote_code=suite.trust_remote_code)
             audit = audit_conditional_model(name, model_path, policy, base, tokenizer, target, base_samples,
                                             suite.audit, suite.max_new_tokens, seed_for_model(suite.audit.seed, index),
                                             progress=start)

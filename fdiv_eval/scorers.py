@@ -280,9 +280,13 @@ class HFClassifierScorer:
                 f"classifier {str(path)!r} not found: expected a local folder with config.json "
                 "(a Hugging Face sequence-classification checkpoint)"
             )
+        from fdiv_eval.sequences import require_safetensors
+
+        require_safetensors(folder, "classifier")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModelForSequenceClassification.from_pretrained(folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True,
+                                                                            trust_remote_code=False)
         except (OSError, ValueError) as error:
             raise InvalidInputError(f"could not load classifier {str(path)!r}: {error}") from error
         self.model.eval()

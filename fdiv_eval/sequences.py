@@ -81,13 +81,37 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path) if looks_local else name_or_path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-    """Load a causal LM in eval mode, with dropout off, on ``device`` (default: the CPU)."""
+def require_safetensors(folder: Path, what: str) -> None:
+    """Raise InvalidInputError when a local checkpoint folder has no ``.safetensors`` weights.
+
+    Weights in ``pytorch_model.bin`` are pickles, which can run code when
+    loaded, so only safetensors files are accepted.
+    """
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        found = ", ".join(sorted(path.name for path in folder.iterdir() if path.suffix in (".bin", ".pt", ".pth")))
+        raise InvalidInputError(
+            f"{what} {str(folder)!r} has no .safetensors weights{f' (found {found})' if found else ''}; only "
+            "safetensors are loaded, because pickled weights can run code: convert it with "
+            "model.save_pretrained(folder, safe_serialization=True)"
+        )
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+               trust_remote_code: bool = False):
+    """Load a causal LM from safetensors in eval mode, with dropout off, on ``device`` (default: the CPU).
+
+    ``trust_remote_code`` lets the checkpoint's own Python code define the
+    model; only a suite that sets ``trust_remote_code: true`` turns it on.
+    """
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(name_or_path)
+    require_safetensors(Path(resolved), "model")
+    if trust_remote_code:
+        logger.warning("loading %s with trust_remote_code: its own Python code runs in this process", name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     except OSError as error:
         raise InvalidInputError(f"could not load model {name_or_path!r}: {error}") from error
     if device is not None:
@@ -103,12 +127,12 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     resolved = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"could not load the tokenizer of {name_or_path!r}: {error}") from error
     if tokenizer.eos_token_id is None:

@@ -187,6 +187,8 @@ class Suite:
     name: str
     base_model: str = "embedded:austen"
     """``embedded:austen`` (the shipped Austen GPT-2), a local checkpoint folder, or a hub id."""
+    trust_remote_code: bool = False
+    """Let checkpoints run their own Python model code (transformers' ``trust_remote_code``); off by default."""
     max_new_tokens: int = 32
     """Horizon T of every generated sequence, in tokens (EOS included)."""
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -220,6 +222,9 @@ class Suite:
         """
         data = self.to_dict()
         data.pop("checks", None)
+        # Left out while off, so suites written before the field existed keep their hash.
+        if not data.get("trust_remote_code"):
+            data.pop("trust_remote_code", None)
         canonical = json.dumps(data, sort_keys=True, default=list)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

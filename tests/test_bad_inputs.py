@@ -210,3 +210,18 @@ def test_second_run_in_busy_folder(tiny_suite, tmp_path, capsys):
         assert main(arguments) == 2
     _assert_usage_error(capsys, tmp_path, "another run is training in")
     assert sorted(path.name for path in folder.iterdir()) == [".lock"]
+
+
+def test_checkpoint_with_pickled_weights_only(tiny_suite, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fdiv_eval.base_model import embedded_model_path
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(embedded_model_path(), folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert main(["--no-progress", "audit", str(tiny_suite), "--model", f"pickled={folder}"]) == 2
+    _assert_usage_error(capsys, tmp_path, "has no .safetensors weights (found pytorch_model.bin)")

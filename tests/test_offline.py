@@ -29,3 +29,21 @@ def test_run_opens_no_connection(tiny_suite, network_attempts, capsys):
     assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--steps", "1"]) == 0
     assert main(["--no-progress", "audit", str(tiny_suite), "--model", "embedded:austen", "--no-base"]) == 0
     assert network_attempts == []
+
+
+def test_trust_remote_code_is_opt_in(tmp_path):
+    from fdiv_eval.suite import load_suite
+
+    plain = tmp_path / "plain.yaml"
+    common = "name: opt\nbase_model: embedded:austen\ntarget: {type: word_list, words: [she], epsilon: 0.001}\n"
+    plain.write_text(common)
+    explicit_off = tmp_path / "off.yaml"
+    explicit_off.write_text(common + "trust_remote_code: false\n")
+    opted_in = tmp_path / "on.yaml"
+    opted_in.write_text(common + "trust_remote_code: true\n")
+
+    assert load_suite(str(plain)).trust_remote_code is False
+    assert load_suite(str(opted_in)).trust_remote_code is True
+    # The default-off field leaves the hash of suites that never mention it unchanged.
+    assert load_suite(str(explicit_off)).content_hash() == load_suite(str(plain)).content_hash()
+    assert load_suite(str(opted_in)).content_hash() != load_suite(str(plain)).content_hash()

@@ -113,6 +113,8 @@ class FDPGConfig:
     """With prompts: prompts drawn per step, each with batch_size // prompts_per_step samples."""
     chat_template: bool = False
     """Wrap each prompt in the tokenizer's chat template as a user message."""
+    trust_remote_code: bool = False
+    """Let the base model and checkpoints run their own Python model code."""
 
 
 @dataclass
@@ -290,8 +292,8 @@ def train_policy(
     output_dir = Path(output_dir)
     started = time.perf_counter()
 
-    tokenizer = load_tokenizer(base_model)
-    base = load_model(base_model, device=runtime.device)
+    tokenizer = load_tokenizer(base_model, config.trust_remote_code)
+    base = load_model(base_model, device=runtime.device, trust_remote_code=config.trust_remote_code)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     contexts = build_contexts(tokenizer, prompts, config.chat_template)
@@ -330,7 +332,7 @@ def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_s
                 f"{output_dir} contains checkpoints of another run (method {state.get('method')!r}, "
                 f"suite hash {state.get('suite_hash')!r}); delete the folder or choose another output folder"
             )
-        policy = load_model(str(resume_from), device=runtime.device)
+        policy = load_model(str(resume_from), device=runtime.device, trust_remote_code=config.trust_remote_code)
         optimizer = _make_optimizer(config, policy.parameters())
         # weights_only: the file contains tensors and plain containers, so nothing is unpickled as code.
         tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=True, map_location="cpu")
@@ -349,7 +351,7 @@ def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_s
         logger.info("resuming %s from step %d (%s)", config.method, start_step, resume_from.name)
     else:
         torch.manual_seed(rank_seed(config.seed, runtime.rank, runtime.world_size))
-        policy = load_model(base_model, device=runtime.device)
+        policy = load_model(base_model, device=runtime.device, trust_remote_code=config.trust_remote_code)
         optimizer = _make_optimizer(config, policy.parameters())
         start_step = 0
         log_z_sums, log_z_counts = _initial_log_partition(base, tokenizer, target, contexts, config)
