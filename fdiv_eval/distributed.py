@@ -109,7 +109,7 @@ def _environment_int(name: str, default: int) -> int:
 def setup(device: str | None = None) -> Runtime:
     """Read the torchrun environment, join the process group if there is one, and choose the device.
 
-    Calling it again returns the runtime already set up.
+    Calling it again rereads the environment and keeps the process group already joined.
     """
     global _current
     world_size = _environment_int("WORLD_SIZE", 1)
