@@ -111,7 +111,8 @@ def _train_config(suite, method: str, steps: int | None = None):
         method=method, alpha=train.alpha, steps=train.steps if steps is None else steps, batch_size=train.batch_size,
         max_new_tokens=suite.max_new_tokens, learning_rate=train.learning_rate, optimizer=train.optimizer,
         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, baseline=train.baseline,
-        checkpoint_every=train.checkpoint_every, log_partition_samples=train.log_partition_samples,
+        checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints,
+        log_partition_samples=train.log_partition_samples,
         seed=train.seed, suite_hash=suite.content_hash(), prompts_per_step=train.prompts_per_step,
         chat_template=suite.prompts is not None and suite.prompts.chat_template,
         trust_remote_code=suite.trust_remote_code,
@@ -448,7 +449,7 @@ def _parse_model_argument(text: str) -> tuple[str, str]:
 
 
 def _command_audit(args, console) -> int:
-    from fdiv_eval.sequences import resolve_model_path
+    from fdiv_eval.sequences import require_safetensors, resolve_model_path
     from fdiv_eval.suite import load_suite
 
     started = time.perf_counter()
@@ -477,7 +478,7 @@ def _command_audit(args, console) -> int:
     if args.model:
         for text in args.model:
             name, path = _parse_model_argument(text)
-            resolve_model_path(path)
+            require_safetensors(Path(resolve_model_path(path)), f"model {name!r}")
             models.append((name, path, None))
     else:
         for method in suite.train.methods:

@@ -110,6 +110,8 @@ class TrainConfig:
     """Pseudo-reward baseline: ``mean`` (batch mean), ``leave_one_out`` or ``none``."""
     checkpoint_every: int = 40
     """Write a resumable checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many ``step-*`` checkpoints (``final/`` is always kept); 0 keeps all."""
     log_partition_samples: int = 2048
     """Base-model samples that start the running estimate of log Z (split across prompts, if any)."""
     seed: int = 0
@@ -217,11 +219,14 @@ class Suite:
     def content_hash(self) -> str:
         """SHA-256 of the suite's canonical JSON, first 16 hex digits.
 
-        ``checks`` is left out: the rules change no checkpoint and no audit, so
-        editing them keeps resumable runs and comparable reports.
+        ``checks`` and ``train.keep_checkpoints`` are left out: they change no
+        checkpoint's weights and no audit, so editing them keeps resumable runs
+        and comparable reports.
         """
         data = self.to_dict()
         data.pop("checks", None)
+        # How many checkpoints stay on disk changes no result either.
+        data["train"].pop("keep_checkpoints", None)
         # Left out while off, so suites written before the field existed keep their hash.
         if not data.get("trust_remote_code"):
             data.pop("trust_remote_code", None)
@@ -326,6 +331,8 @@ def validate_suite(suite: Suite) -> None:
     _require(train.max_grad_norm > 0, f"suite field 'train.max_grad_norm' must be positive, got {train.max_grad_norm}")
     _require(train.checkpoint_every >= 1,
              f"suite field 'train.checkpoint_every' must be at least 1, got {train.checkpoint_every}")
+    _require(train.keep_checkpoints >= 0,
+             f"suite field 'train.keep_checkpoints' must be 0 (keep all) or more, got {train.keep_checkpoints}")
     _require(train.log_partition_samples >= 1,
              f"suite field 'train.log_partition_samples' must be at least 1, got {train.log_partition_samples}")
 

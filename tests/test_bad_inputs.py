@@ -55,6 +55,7 @@ SUITE_FIELD_CASES = [
     ("unknown baseline", "train.baseline", "median", "unknown baseline 'median'"),
     ("zero clipping", "train.max_grad_norm", 0, "'train.max_grad_norm' must be positive"),
     ("zero checkpoint interval", "train.checkpoint_every", 0, "'train.checkpoint_every' must be at least 1"),
+    ("negative checkpoints kept", "train.keep_checkpoints", -1, "'train.keep_checkpoints' must be 0 (keep all) or more"),
     ("alpha method without alpha", "train.methods", ["alpha"], "needs a value for alpha"),
     ("negative audit samples", "audit.samples", -5, "'audit.samples' must be at least 2, got -5"),
     ("one base sample", "audit.base_samples", 1, "'audit.base_samples' must be at least 2, got 1"),

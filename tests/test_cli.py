@@ -186,3 +186,22 @@ def test_help_states_units(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "nats" in capsys.readouterr().out
+
+
+def test_keep_checkpoints_prunes_old_steps(tiny_suite, tmp_path, capsys):
+    from fdiv_eval.suite import load_suite
+
+    text = tiny_suite.read_text()
+    before = load_suite(str(tiny_suite)).content_hash()
+    tiny_suite.write_text(text.replace("  checkpoint_every: 2\n", "  checkpoint_every: 1\n  keep_checkpoints: 2\n"))
+    changed = load_suite(str(tiny_suite))
+    assert changed.train.keep_checkpoints == 2
+    # Retention changes no result, so only checkpoint_every moved the hash.
+    tiny_suite.write_text(text.replace("  checkpoint_every: 2\n", "  checkpoint_every: 1\n"))
+    assert load_suite(str(tiny_suite)).content_hash() == changed.content_hash() != before
+    tiny_suite.write_text(text.replace("  checkpoint_every: 2\n", "  checkpoint_every: 1\n  keep_checkpoints: 2\n"))
+
+    assert main(["--no-progress", "train", str(tiny_suite), "--method", "js", "--steps", "6"]) == 0
+    run = tmp_path / "runs" / "js"
+    assert sorted(path.name for path in run.glob("step-*")) == ["step-000004", "step-000005"]
+    assert (run / "final" / "model.safetensors").is_file()

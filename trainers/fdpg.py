@@ -104,6 +104,8 @@ class FDPGConfig:
     baseline: str = "mean"
     """``mean``, ``leave_one_out`` or ``none``."""
     checkpoint_every: int = 40
+    keep_checkpoints: int = 0
+    """Keep only the newest this many ``step-*`` checkpoints; 0 keeps all."""
     log_partition_samples: int = 2048
     """Base-model samples that start the running log Z estimate."""
     seed: int = 0
@@ -338,7 +340,7 @@ def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_s
         tensors = torch.load(resume_from / TENSOR_STATE_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(tensors["optimizer"])
         start_step = int(state["step"])
-        _resume_random_states(tensors, config, start_step, runtime, resume_from)
+        _resume_random_states(tensors, config, start_step, runtime, resume_from, warn=start_step < config.steps)
         log_z_sums = [float(v) for v in state.get("log_partition_log_sums", [state["log_partition_log_sum"]])]
         log_z_counts = [int(v) for v in state.get("log_partition_counts", [state["log_partition_count"]])]
         if len(log_z_sums) != len(contexts):
@@ -416,6 +418,8 @@ def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_s
                 stream.write(json.dumps(_finite_or_string(metrics)) + "\n")
         if step % config.checkpoint_every == 0 and step != config.steps:
             save(output_dir / f"step-{step:06d}", step)
+            if runtime.is_main:
+                _prune_checkpoints(output_dir, config.keep_checkpoints)
         if on_step is not None and runtime.is_main:
             on_step(step, config.steps, metrics)
 
@@ -481,6 +485,20 @@ class _RunFolderLock:
         shutil.rmtree(self.created, ignore_errors=True)
 
 
+def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete ``step-*`` checkpoints (nothing when ``keep`` is 0).
+
+    Called only after a new checkpoint is complete, so a crash during the
+    deletion still leaves that newest checkpoint to resume from.
+    """
+    if keep < 1:
+        return
+    complete = sorted(path for path in output_dir.glob("step-*") if (path / STATE_FILE).is_file())
+    for folder in complete[:-keep]:
+        logger.info("removing checkpoint %s (train.keep_checkpoints is %d)", folder.name, keep)
+        shutil.rmtree(folder)
+
+
 def _check_shares(config: FDPGConfig, prompt_count: int, world_size: int) -> None:
     """Raise when a step has fewer samples per prompt than there are processes to share them."""
     prompts_per_step = 1 if prompt_count == 1 else min(config.prompts_per_step, prompt_count)
@@ -509,11 +527,17 @@ def _wrap_for_gradients(policy, runtime: Runtime):
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # Every rank loads the same checkpoint and no buffer changes during training,
     # so the per-forward broadcast of buffers from rank 0 is skipped.
-    return DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False)
+    import inspect
+
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers.
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {
+        "broadcast_buffers": False}
+    return DistributedDataParallel(policy, device_ids=device_ids, **no_buffer_sync)
 
 
 def _resume_random_states(tensors: dict, config: FDPGConfig, start_step: int, runtime: Runtime,
-                          checkpoint: Path) -> None:
+                          checkpoint: Path, warn: bool = True) -> None:
     """Restore this rank's random states, or reseed when the checkpoint came from another process count."""
     per_rank = tensors.get("random_states_per_rank") or [{"torch_rng": tensors["torch_rng"]}]
     if len(per_rank) == runtime.world_size:
@@ -522,7 +546,7 @@ def _resume_random_states(tensors: dict, config: FDPGConfig, start_step: int, ru
     # NOTE: the sample streams of N processes cannot be split into those of M,
     # so the resumed run continues from the same weights and optimizer state
     # with fresh, seeded streams. It no longer matches an uninterrupted run bitwise.
-    if runtime.is_main:
+    if runtime.is_main and warn:
         logger.warning(
             "checkpoint %s was written by %d processes and this run has %d: each rank gets a fresh random stream "
             "seeded from (seed, step, rank), so the samples differ from an uninterrupted run",
