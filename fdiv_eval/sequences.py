@@ -81,16 +81,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path) if looks_local else name_or_path
 
 
-def require_safetensors(folder: Path, what: str) -> None:
+def require_safetensors(folder: Path, label: str) -> None:
     """Raise InvalidInputError when a local checkpoint folder has no ``.safetensors`` weights.
 
+    ``label`` names the folder in the message, for example ``model 'gdc'``.
     Weights in ``pytorch_model.bin`` are pickles, which can run code when
     loaded, so only safetensors files are accepted.
     """
     if folder.is_dir() and not any(folder.glob("*.safetensors")):
         found = ", ".join(sorted(path.name for path in folder.iterdir() if path.suffix in (".bin", ".pt", ".pth")))
         raise InvalidInputError(
-            f"{what} {str(folder)!r} has no .safetensors weights{f' (found {found})' if found else ''}; only "
+            f"{label} {str(folder)!r} has no .safetensors weights{f' (found {found})' if found else ''}; only "
             "safetensors are loaded, because pickled weights can run code: convert it with "
             "model.save_pretrained(folder, safe_serialization=True)"
         )
