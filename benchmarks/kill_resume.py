@@ -162,8 +162,8 @@ def main(argv=None) -> int:
     launcher = "`fdiv train`"
     if args.processes > 1:
         output = args.output.resolve()
-        shown = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output.name
-        command += f" --processes {args.processes} --output {shown}"
+        output_name = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output.name
+        command += f" --processes {args.processes} --output {output_name}"
         launcher = (f"`torchrun --standalone --nproc-per-node {args.processes} -m fdiv_eval.cli train` "
                     "(the launcher and every worker at once, found through /proc)")
     lines = [

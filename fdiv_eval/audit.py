@@ -123,9 +123,9 @@ def audit_model(
 ) -> ModelAudit:
     """Sample ``policy`` and estimate every metric, each with its standard error and 95% CI.
 
-    Under torchrun each rank samples and scores its share of the rows, the
-    per-sample statistics are gathered, and rank 0 alone computes the
-    estimates; the other ranks return an audit with no metrics.
+    Under torchrun each rank samples and scores its share of the rows, and
+    the per-sample statistics are gathered. Rank 0 alone computes the
+    estimates, so the other ranks return an audit with no metrics.
     """
     progress = progress or _silent_progress
     prompt = default_prompt(tokenizer)

@@ -74,10 +74,9 @@ def _target_from_suite(suite, suite_dir: Path | None = None, base=None, tokenize
     target = target_from_config(suite.target, suite_dir)
     if getattr(target, "kind", "") != "distributional":
         return target
+    from fdiv_eval.distributed import current
     from fdiv_eval.moments import fit_target
     from fdiv_eval.sequences import load_model, load_tokenizer
-
-    from fdiv_eval.distributed import current
 
     tokenizer = tokenizer or load_tokenizer(suite.base_model, suite.trust_remote_code)
     base = base or load_model(suite.base_model, device=current().device, trust_remote_code=suite.trust_remote_code)
@@ -225,8 +224,9 @@ def _audit_models(suite, models: list[tuple[str, str, str | None]], console, sho
 
 def _write_report(suite, target, audits, base_columns: dict, log_partition, extra_settings: dict,
                   report_path: Path, started: float, console, pairwise: dict | None = None) -> dict:
-    """Save every sample file, then write report.json and report.md and print the table."""
+    """Save every sample file, then write report.md and report.json and print the table."""
     from fdiv_eval.audit import save_samples
+    from fdiv_eval.distributed import current
     from fdiv_eval.report import build_report, print_table, render_markdown, write_atomic, write_json
 
     entries = []
@@ -236,8 +236,6 @@ def _write_report(suite, target, audits, base_columns: dict, log_partition, extr
         entries.append({"name": audit.name, "model": str(audit.model), "method": method,
                         "metrics": audit.metrics, "samples_file": samples_file, "info": audit.info})
     save_samples(base_columns, report_path / "samples" / "_base_sample.parquet")
-
-    from fdiv_eval.distributed import current
 
     settings = {"max_new_tokens": suite.max_new_tokens, "audit": dataclasses.asdict(suite.audit),
                 "base_model": suite.base_model, **extra_settings, "runs_dir": str(suite.runs_path),
@@ -426,7 +424,7 @@ def _command_train(args, console) -> int:
     if args.resume:
         from trainers.fdpg import latest_checkpoint
 
-        missing = [method for method in methods if latest_checkpoint(runs_path / method, remove_partial=False) is None]
+        missing = [method for method in methods if latest_checkpoint(runs_path / method) is None]
         if missing:
             raise InvalidInputError(
                 f"--resume: no complete checkpoint of {', '.join(missing)} in {runs_path}; run without --resume "

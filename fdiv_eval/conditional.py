@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from fdiv_eval.audit import ModelAudit, ProgressFactory, _decode, _silent_progress
+from fdiv_eval.distributed import current, map_sharded, sample_sharded, score_pair_sharded, score_sharded
 from fdiv_eval.divergences import DIVERGENCES
 from fdiv_eval.diversity import distinct_n, self_bleu
 from fdiv_eval.errors import EstimationError
 from fdiv_eval.estimates import Z_95, Estimate, decode_float, encode_float, log_sum_exp
 from fdiv_eval.estimators import log_partition
-from fdiv_eval.prompts import Context, cluster_bootstrap, per_prompt_count
-from fdiv_eval.distributed import current, map_sharded, sample_sharded, score_pair_sharded, score_sharded
+from fdiv_eval.prompts import Context, cluster_bootstrap, per_prompt_count, with_prompt
 from fdiv_eval.sequences import SampleBatch
 from fdiv_eval.suite import AuditConfig
 from fdiv_eval.target_metrics import MOMENT_PREFIX, TARGET_MOMENT_PREFIX
@@ -67,7 +67,7 @@ def draw_conditional_base_sample(base, tokenizer, target, contexts: list[Context
                                seed=prompt_seed(config.seed, context.index))
         log_base = score_sharded(base, batch, batch_size=config.batch_size).log_prob.numpy()
         texts = _decode(tokenizer, batch)
-        log_potential = map_sharded(_with_prompt(target.log_potential, context.text), texts).astype(np.float64)
+        log_potential = map_sharded(with_prompt(target.log_potential, context.text), texts).astype(np.float64)
         estimate = log_partition(log_potential)
         if estimate.value == -math.inf:
             raise EstimationError(
@@ -75,15 +75,10 @@ def draw_conditional_base_sample(base, tokenizer, target, contexts: list[Context
                 "base-model samples has P(x) > 0; raise audit.base_samples or drop the prompt"
             )
         samples.append(PromptBaseSample(context, batch, texts, log_base, log_potential, estimate,
-                                        map_sharded(_with_prompt(lambda t, p: _target_values(target, t, p),
+                                        map_sharded(with_prompt(lambda t, p: _target_values(target, t, p),
                                                                  context.text), texts)))
         advance(count)
     return samples
-
-
-def _with_prompt(function, prompt: str):
-    """Bind one prompt to a (texts, prompts) scorer, so that it can be split over ranks by texts alone."""
-    return lambda texts: function(texts, [prompt] * len(texts))
 
 
 def _target_values(target, texts, prompts) -> np.ndarray:
@@ -138,10 +133,10 @@ def audit_conditional_model(
         per_prompt.append(_PromptPolicySample(
             texts, batch.lengths.numpy().astype(np.float64), policy_scores.log_prob.numpy(),
             base_scores.log_prob.numpy(),
-            map_sharded(_with_prompt(target.log_potential, context.text), texts).astype(np.float64),
+            map_sharded(with_prompt(target.log_potential, context.text), texts).astype(np.float64),
             token_kl.numpy(), policy_scores.token_entropy_sum.numpy(),
-            map_sharded(_with_prompt(target.constraint, context.text), texts).astype(bool),
-            map_sharded(_with_prompt(lambda t, p: _target_values(target, t, p), context.text), texts),
+            map_sharded(with_prompt(target.constraint, context.text), texts).astype(bool),
+            map_sharded(with_prompt(lambda t, p: _target_values(target, t, p), context.text), texts),
             on_base,
         ))
         advance(count)

@@ -110,6 +110,14 @@ def build_contexts(tokenizer, prompts: list[str] | None, chat_template: bool = F
     return [Context(index, text, encode_prompt(tokenizer, text, chat_template)) for index, text in enumerate(prompts)]
 
 
+def with_prompt(function, prompt: str | None):
+    """Bind one prompt (None: no prompt) to a ``(texts, prompts)`` scorer, leaving a function of texts alone.
+
+    Splitting the texts across torchrun ranks then needs no prompt bookkeeping.
+    """
+    return lambda texts: function(texts, None if prompt is None else [prompt] * len(texts))
+
+
 def per_prompt_count(total: int, prompt_count: int) -> int:
     """Samples per prompt so that all prompts together get at least ``total`` (and each at least 2)."""
     return max(2, -(-total // prompt_count))

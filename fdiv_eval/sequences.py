@@ -231,11 +231,12 @@ def sample(
     device = model_device(model)
     # A seeded draw runs on a forked random state, so the caller's stream
     # (CPU, and the accelerator's when the model sits on one) is left as it was.
+    # On the CPU no accelerator state is forked, and fork_rng ignores device_type.
     accelerators = [] if device.type == "cpu" else [device]
+    accelerator_type = "cuda" if device.type == "cpu" else device.type
     parts = []
     try:
-        with torch.random.fork_rng(devices=accelerators, enabled=seed is not None,
-                                   device_type="cuda" if device.type == "cpu" else device.type):
+        with torch.random.fork_rng(devices=accelerators, enabled=seed is not None, device_type=accelerator_type):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, n, batch_size):

@@ -102,20 +102,20 @@ def test_two_process_step_equals_one_process_step(tmp_path, baseline, per_prompt
     result = _torchrun([str(TESTS / "distributed_worker.py"), str(output), baseline, str(per_prompt), *(prompts or [])],
                        tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    two = torch.load(output, weights_only=True)
-    one = run_step(None, baseline, per_prompt, prompts)
+    two_processes = torch.load(output, weights_only=True)
+    one_process = run_step(None, baseline, per_prompt, prompts)
 
     # The same rows in the same order, the same running log Ẑ (float64 sums), the same loss.
-    assert two["texts"] == one["texts"]
-    assert two["log_z_counts"] == one["log_z_counts"]
-    assert two["log_z_sums"] == pytest.approx(one["log_z_sums"], abs=1e-12)
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-9)
-    scale = max(float(gradient.abs().max()) for gradient in one["gradients"].values())
+    assert two_processes["texts"] == one_process["texts"]
+    assert two_processes["log_z_counts"] == one_process["log_z_counts"]
+    assert two_processes["log_z_sums"] == pytest.approx(one_process["log_z_sums"], abs=1e-12)
+    assert two_processes["loss"] == pytest.approx(one_process["loss"], abs=1e-9)
+    scale = max(float(gradient.abs().max()) for gradient in one_process["gradients"].values())
     assert scale > 0.01, "the fixed samples must give a nonzero gradient, or the comparison proves nothing"
-    for name, gradient in one["gradients"].items():
+    for name, gradient in one_process["gradients"].items():
         # float32 gradients of order 1; DDP sums two partial gradients, so the
         # summation order differs from one process: a few ulps, below 1e-6.
-        torch.testing.assert_close(two["gradients"][name], gradient, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(two_processes["gradients"][name], gradient, rtol=0, atol=1e-6, msg=name)
 
 
 AUDIT_SUITE = """

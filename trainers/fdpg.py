@@ -63,7 +63,7 @@ from fdiv_eval.estimators import (
     require_finite_log_partition,
 )
 from fdiv_eval.estimates import Estimate, log_sum_exp
-from fdiv_eval.prompts import Context, build_contexts, per_prompt_count
+from fdiv_eval.prompts import Context, build_contexts, per_prompt_count, with_prompt
 from fdiv_eval.sequences import (
     SampleBatch,
     load_model,
@@ -168,14 +168,8 @@ def _remove_partial_checkpoints(output_dir: Path) -> None:
             logger.warning("skipping checkpoint %s: it has no %s", folder.name, STATE_FILE)
 
 
-def latest_checkpoint(output_dir: Path, remove_partial: bool = True) -> Path | None:
-    """Return the complete checkpoint (``step-*`` or ``final``) with the highest step, or None.
-
-    With ``remove_partial``, staging folders left by an interrupted write are
-    deleted first, each named in a warning.
-    """
-    if remove_partial:
-        _remove_partial_checkpoints(output_dir)
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """Return the complete checkpoint (``step-*`` or ``final``) with the highest step, or None."""
     candidates = [p for p in [*output_dir.glob("step-*"), output_dir / FINAL_DIR] if (p / STATE_FILE).is_file()]
     if not candidates:
         return None
@@ -241,20 +235,14 @@ def _initial_log_partition(base, tokenizer, target, contexts: list[Context], con
             tokenizer.eos_token_id, tokenizer.pad_token_id, seed=config.seed + 1 + context.index,
         )
         texts = tokenizer.batch_decode(batch.sequences.tolist(), skip_special_tokens=True)
-        prompts = None if context.text is None else [context.text]
-        log_potentials = map_sharded(lambda part: target.log_potential(part, _repeat(prompts, len(part))), texts)
-        satisfied.append(map_sharded(lambda part: target.constraint(part, _repeat(prompts, len(part))), texts)
-                         .astype(bool))
+        log_potentials = map_sharded(with_prompt(target.log_potential, context.text), texts)
+        satisfied.append(map_sharded(with_prompt(target.constraint, context.text), texts).astype(bool))
         require_finite_log_partition(log_partition(log_potentials), hint)
         log_sums.append(log_sum_exp(log_potentials))
         counts.append(log_potentials.size)
     if getattr(target, "has_constraint", True):
         require_accepted_samples(np.concatenate(satisfied), target.constraint_description, hint)
     return log_sums, counts
-
-
-def _repeat(prompt: list[str] | None, count: int) -> list[str] | None:
-    return None if prompt is None else prompt * count
 
 
 def _contexts_for_step(contexts: list[Context], config: FDPGConfig, step: int) -> list[Context]:
@@ -326,7 +314,7 @@ def _train_locked(base_model, target, config: FDPGConfig, output_dir: Path, on_s
     if runtime.is_main:
         _remove_partial_checkpoints(output_dir)
     barrier(runtime)
-    resume_from = latest_checkpoint(output_dir, remove_partial=False)
+    resume_from = latest_checkpoint(output_dir)
     if resume_from is not None:
         state = json.loads((resume_from / STATE_FILE).read_text())
         if state.get("method") != config.method or state.get("suite_hash") != config.suite_hash:

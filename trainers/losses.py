@@ -59,7 +59,7 @@ def sharded_surrogate_loss(advantages: torch.Tensor, log_policy: torch.Tensor, t
                            world_size: int) -> torch.Tensor:
     """Return one rank's part of the surrogate loss when N ranks share a batch of ``total_count`` samples.
 
-    Rank r holds rows S_r and returns −(N/total)·Σ_{i∈S_r} A_i·log π_θ(x_i).
+    Rank r has rows S_r and returns −(N/total)·Σ_{i∈S_r} A_i·log π_θ(x_i).
     DistributedDataParallel averages the gradients of the N ranks, so the
     step's gradient is (1/N)·Σ_r ∇(rank r's loss) = −(1/total)·Σ_i A_i·∇log π_θ(x_i),
     the gradient of ``surrogate_loss`` on all the rows, whatever the share sizes.
